@@ -32,7 +32,12 @@ HOOK_POINTS: tuple[str, ...] = ("resid_post", "resid_pre")
 Kind = Literal["transformer_lens", "nnsight", "hf"]
 
 # attribute paths of the decoder-layer list in common HF causal LMs
-_LAYER_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers")
+_LAYER_PATHS = (
+    "model.layers",
+    "transformer.h",
+    "gpt_neox.layers",
+    "model.decoder.layers",
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,8 +118,8 @@ def inspect_model(model: Any) -> ModelInfo:
         )
 
     hf_model, kind = model, "hf"
-    if hasattr(model, "_model") and hasattr(model, "trace"):
-        hf_model, kind = model._model, "nnsight"
+    if hasattr(model, "trace") and isinstance(getattr(model, "_module", None), nn.Module):
+        hf_model, kind = model._module, "nnsight"
     if not hasattr(hf_model, "config"):
         raise ModelError(
             f"Expected a TransformerBridge, HookedTransformer, nnsight "
@@ -136,7 +141,9 @@ def inspect_model(model: Any) -> ModelInfo:
     )
 
 
-def resolve_layers(layers: int | Iterable[int] | None, n_layers: int) -> tuple[int, ...]:
+def resolve_layers(
+    layers: int | Iterable[int] | None, n_layers: int
+) -> tuple[int, ...]:
     """Normalise layer indices: negatives count from the end; sorted, unique.
 
     Args:

@@ -10,6 +10,7 @@ __all__ = [
     "DataError",
     "HookPointError",
     "LayerError",
+    "MergeError",
     "MetadataMismatchError",
     "ModelError",
     "VectorError",
@@ -42,3 +43,7 @@ class DataError(ControllensError, ValueError):
 
 class MetadataMismatchError(ControllensError, ValueError):
     """A saved file made for another model, hook point or layer set."""
+
+
+class MergeError(ControllensError, ValueError):
+    """Expert weights, routing weights or curvature factors that cannot be merged."""

@@ -1,0 +1,139 @@
+"""Steering as nnsight interventions.
+
+Call :func:`steer` (or :meth:`Steering.intervene`) inside ``model.trace(...)``
+to steer one forward pass, or inside ``model.generate(...)`` with the tracer to
+steer the prompt pass and every generated token. The edit is the same
+``x <- x + alpha * u(k)`` as the TransformerLens hooks, computed from the same
+:class:`~controllens.steering.Steering`.
+"""
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from controllens.adapters import inspect_model
+from controllens.errors import ModelError
+from controllens.steering import Steering, add_masked, position_mask
+
+__all__ = ["steer"]
+
+
+def _envoy(model: Any, path: str) -> Any:
+    for part in path.split("."):
+        model = getattr(model, part)
+    return model
+
+
+def _generation_steps(model: Any, tracer: Any) -> int | None:
+    """Number of forward passes of a ``generate`` call; None for a trace."""
+    if tracer is None or getattr(tracer.fn, "__name__", "") != "generate":
+        return None
+    steps = tracer.kwargs.get("max_new_tokens")
+    if steps is None:
+        steps = getattr(model._module.generation_config, "max_new_tokens", None)
+    if steps is None:
+        raise ValueError(
+            "Steering a generate() call needs its length: pass max_new_tokens "
+            "to model.generate(...)."
+        )
+    return int(steps)
+
+
+def steer(steering: Steering, model: Any, tracer: Any | None = None) -> None:
+    """Apply ``steering`` to an nnsight model from inside a tracing context.
+
+    Args:
+        steering: What to add and where.
+        model: The nnsight ``LanguageModel`` being traced.
+        tracer: The tracer of a ``model.generate(...)`` block; needed to steer
+            every generated token. Inside ``model.trace(...)`` it may be
+            omitted.
+
+    Inside ``generate``, steering waits for each generation step, so make it
+    the last statement of its invoke and read results in another invoke (or
+    through ``tracer.result``): nnsight skips the code after a step loop when
+    generation stops early at an end-of-sequence token.
+
+    Example:
+        >>> from controllens.testing import tiny_nnsight
+        >>> model = tiny_nnsight()
+        >>> steering = Steering(errors=torch.randn(1, 32), layers=(1,), alpha=4.0)
+        >>> with model.trace(torch.tensor([[1, 5, 9]])):
+        ...     steer(steering, model)
+        ...     logits = model.lm_head.output.save()
+        >>> tuple(logits.shape)
+        (1, 3, 104)
+    """
+    info = inspect_model(model)
+    if info.kind != "nnsight":
+        raise ModelError(
+            f"steer() works on nnsight models, got a {info.kind} model. Use "
+            "steering.hooks(model) or steering.apply(model) for TransformerLens."
+        )
+    steering.check_model(model)
+    if steering.is_identity:
+        return
+
+    layers = _envoy(model, info.layers_path)
+    base = _envoy(model, info.layers_path.rpartition(".")[0])
+    edits = list(zip(steering.layers, steering.control(), strict=True))
+    steps = _generation_steps(model, tracer)
+    if steps is None:
+        _steer_pass(steering, base, layers, edits, prompt_len=None)
+        return
+
+    prompt_len = None
+    for _ in tracer.iter[0:steps]:
+        prompt_len = _steer_pass(steering, base, layers, edits, prompt_len)
+
+
+def _steer_pass(
+    steering: Steering,
+    base: Any,
+    layers: Any,
+    edits: list[tuple[int, Tensor]],
+    prompt_len: int | None,
+) -> int | None:
+    """Edit every steered layer in one forward pass; returns the prompt width."""
+    columns = first_real = None
+    if steering.positions != "all":
+        # nnsight requires reading modules in the order the forward visits
+        # them: the base model's inputs come before its layers
+        mask = base.inputs[1].get("attention_mask")
+        ids = base.inputs[1].get("input_ids")
+        total = mask.shape[1] if mask is not None else ids.shape[1]
+        prompt_len = total if prompt_len is None else prompt_len
+        if mask is None:
+            first_real = torch.zeros(ids.shape[0], dtype=torch.long)
+        else:
+            first_real = mask.to(torch.long).argmax(dim=1)
+
+    for layer, control in edits:
+        envoy = layers[layer]
+        if steering.hook_point == "resid_pre":
+            hidden = envoy.input
+        else:
+            output = envoy.output
+            hidden = output[0] if isinstance(output, tuple) else output
+
+        edit = control.to(dtype=hidden.dtype, device=hidden.device)
+        position = None
+        if columns is not None or first_real is not None:
+            seq_len = hidden.shape[1]
+            columns = torch.arange(total - seq_len, total, device=hidden.device)
+            position = position_mask(
+                steering.positions,
+                columns=columns,
+                first_real=first_real.to(hidden.device),
+                prompt_len=prompt_len,
+            )
+        steered = add_masked(hidden, edit, position)
+
+        if steering.hook_point == "resid_pre":
+            envoy.input = steered
+        elif isinstance(output, tuple):
+            envoy.output = (steered, *output[1:])
+        else:
+            envoy.output = steered
+    return prompt_len
