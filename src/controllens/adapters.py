@@ -118,8 +118,9 @@ def inspect_model(model: Any) -> ModelInfo:
         )
 
     hf_model, kind = model, "hf"
-    if hasattr(model, "trace") and isinstance(getattr(model, "_module", None), nn.Module):
-        hf_model, kind = model._module, "nnsight"
+    wrapped = getattr(model, "_module", None)
+    if hasattr(model, "trace") and isinstance(wrapped, nn.Module):
+        hf_model, kind = wrapped, "nnsight"
     if not hasattr(hf_model, "config"):
         raise ModelError(
             f"Expected a TransformerBridge, HookedTransformer, nnsight "
