@@ -1,0 +1,196 @@
+"""Measuring instruments: steered generation, a concept scorer and fluency.
+
+The concept scorer must not be the steered model itself. The default is VADER,
+a sentiment lexicon that ships inside its PyPI package; its own accuracy on
+SST-2 dev is modest (about 0.67), which is why :func:`scorer_accuracy` is
+reported next to every result.
+"""
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from controllens.steering import Steering
+
+__all__ = [
+    "Continuations",
+    "VaderScorer",
+    "continuation_perplexity",
+    "generate",
+    "scorer_accuracy",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class VaderScorer:
+    """Sentiment by the VADER lexicon: positive when the compound score is > 0.
+
+    Example:
+        >>> VaderScorer().positive(["What a wonderful, moving film.", "Awful."])
+        [True, False]
+    """
+
+    def __init__(self) -> None:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        self._analyzer = SentimentIntensityAnalyzer()
+
+    def scores(self, texts: Sequence[str]) -> list[float]:
+        """Compound scores in [-1, 1]."""
+        return [self._analyzer.polarity_scores(text)["compound"] for text in texts]
+
+    def positive(self, texts: Sequence[str]) -> list[bool]:
+        """Whether each text reads as positive."""
+        return [score > 0 for score in self.scores(texts)]
+
+
+def scorer_accuracy(scorer: VaderScorer, path: str | Path) -> float:
+    """Accuracy of a sentiment scorer on a labelled TSV (``sentence``, ``label``).
+
+    Args:
+        scorer: Anything with ``positive(texts) -> list[bool]``.
+        path: A file like ``../shared/data/sst2/dev.tsv``.
+    """
+    from controllens.data import load_labelled_tsv
+
+    texts = load_labelled_tsv(path)
+    predicted = scorer.positive(list(texts.target) + list(texts.source))
+    labels = [True] * len(texts.target) + [False] * len(texts.source)
+    return sum(p == y for p, y in zip(predicted, labels, strict=True)) / len(labels)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Continuations:
+    """Prompts, their generated continuations and the tokens behind them."""
+
+    prompts: tuple[str, ...]
+    texts: tuple[str, ...]
+    #: prompt and continuation ids, left-padded: [batch, pos]
+    tokens: Int[Tensor, "batch pos"]
+    #: 1 where ``tokens`` holds a continuation token to score, else 0
+    continuation_mask: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"]
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    width = max(len(row) for row in rows)
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        tokens[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
+    return tokens, mask
+
+
+def generate(
+    model: Any,
+    prompts: Sequence[str],
+    steering: Steering | None = None,
+    *,
+    max_new_tokens: int = 24,
+    batch_size: int = 16,
+    seed: int = 0,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    progress: bool = True,
+) -> Continuations:
+    """Continue each prompt with a TransformerLens model, steered or not.
+
+    Prompts are tokenised by the model's HF tokenizer (no extra BOS) and
+    left-padded; sampling is seeded per batch, so a steered and an unsteered
+    run draw from the same random stream.
+
+    Args:
+        model: A TransformerBridge (or HookedTransformer).
+        prompts: Text prompts.
+        steering: The steering to apply; None for the unsteered model.
+        max_new_tokens: Tokens generated per prompt.
+        batch_size: Prompts per generate call.
+        seed: Sampling seed.
+        temperature: Sampling temperature; 0 for greedy decoding.
+        top_p: Nucleus sampling mass.
+        progress: Show a progress bar.
+    """
+    tokenizer = model.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    eos_id = tokenizer.eos_token_id
+    all_tokens, all_masks, texts = [], [], []
+    bar = tqdm(total=len(prompts), desc="generating", disable=not progress)
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start : start + batch_size])
+        ids = tokenizer(chunk, add_special_tokens=False)["input_ids"]
+        tokens, mask = _left_pad(ids, pad_id)
+        torch.manual_seed(seed + start)
+        kwargs = dict(
+            max_new_tokens=max_new_tokens,
+            do_sample=temperature > 0,
+            temperature=max(temperature, 1e-5),
+            top_p=top_p,
+            verbose=False,
+            stop_at_eos=False,
+            attention_mask=mask,
+        )
+        if steering is None:
+            out = model.generate(tokens, **kwargs)
+        else:
+            with steering.apply(model, attention_mask=mask):
+                out = model.generate(tokens, **kwargs)
+        new = out[:, tokens.shape[1] :]
+        # everything after the first end-of-sequence token is not scored
+        alive = torch.ones_like(new)
+        if eos_id is not None:
+            ended = (new == eos_id).long().cumsum(dim=1)
+            alive = ((ended == 0) | ((ended == 1) & (new == eos_id))).long()
+        continuation = torch.cat([torch.zeros_like(tokens), alive], dim=1)
+        all_tokens.append(out)
+        all_masks.append((torch.cat([mask, alive], dim=1), continuation))
+        texts += tokenizer.batch_decode(
+            new * alive + pad_id * (1 - alive), skip_special_tokens=True
+        )
+        bar.update(len(chunk))
+    bar.close()
+
+    width = max(t.shape[1] for t in all_tokens)
+
+    def left(t: Tensor, value: int) -> Tensor:
+        return torch.nn.functional.pad(t, (width - t.shape[1], 0), value=value)
+
+    return Continuations(
+        prompts=tuple(prompts),
+        texts=tuple(text.strip() for text in texts),
+        tokens=torch.cat([left(t, pad_id) for t in all_tokens]),
+        attention_mask=torch.cat([left(m, 0) for m, _ in all_masks]),
+        continuation_mask=torch.cat([left(c, 0) for _, c in all_masks]),
+    )
+
+
+@torch.inference_mode()
+def continuation_perplexity(
+    model: Any, continuations: Continuations, *, batch_size: int = 16
+) -> Float[Tensor, " batch"]:
+    """Perplexity of each continuation under ``model`` (pass it unsteered).
+
+    Only continuation tokens are scored, each conditioned on its prompt and the
+    continuation so far.
+    """
+    values = []
+    for start in range(0, continuations.tokens.shape[0], batch_size):
+        rows = slice(start, start + batch_size)
+        tokens = continuations.tokens[rows]
+        mask = continuations.attention_mask[rows]
+        logits = model(tokens, attention_mask=mask).float()
+        logprobs = logits[:, :-1].log_softmax(-1)
+        target = tokens[:, 1:]
+        nll = -logprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        scored = continuations.continuation_mask[rows, 1:].float()
+        mean_nll = (nll * scored).sum(-1) / scored.sum(-1).clamp_min(1)
+        values.append(mean_nll.exp())
+    return torch.cat(values)
