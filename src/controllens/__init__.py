@@ -1,31 +1,63 @@
-"""controllens: PID activation steering and curvature-aware merging of experts."""
+"""controllens: PID activation steering and curvature-aware merging of experts.
 
+Steering methods such as ActAdd and mean-difference are proportional
+controllers across layers; controllens offers P, PI, PD and PID control as
+TransformerLens hooks and nnsight interventions from one specification.
+The ``controllens.camex`` subpackage merges mixture-of-experts layers, from
+flat averaging to curvature-aware merging.
+"""
+
+from controllens.controllers import Gains, LayerController, control_signal
+from controllens.data import (
+    ContrastiveTexts,
+    from_texts,
+    load_caa,
+    load_labelled_tsv,
+    sst2_prompts,
+)
 from controllens.errors import (
     ControllensError,
     DataError,
     HookPointError,
     LayerError,
+    MergeError,
     MetadataMismatchError,
     ModelError,
     VectorError,
 )
-from controllens.models import (
-    DEFAULT_MODEL,
-    load_bridge,
-    load_hf,
-    load_nnsight,
-)
+from controllens.hooks import steering_hooks
+from controllens.interventions import steer
+from controllens.models import DEFAULT_MODEL, load_bridge, load_hf, load_nnsight
+from controllens.sequential import sequential_steering
+from controllens.steering import Positions, Steering
+from controllens.vectors import ContrastiveMeans, contrastive_means
 
 __all__ = [
     "DEFAULT_MODEL",
+    "ContrastiveMeans",
+    "ContrastiveTexts",
     "ControllensError",
     "DataError",
+    "Gains",
     "HookPointError",
+    "LayerController",
     "LayerError",
+    "MergeError",
     "MetadataMismatchError",
     "ModelError",
+    "Positions",
+    "Steering",
     "VectorError",
+    "contrastive_means",
+    "control_signal",
+    "from_texts",
     "load_bridge",
+    "load_caa",
     "load_hf",
+    "load_labelled_tsv",
     "load_nnsight",
+    "sequential_steering",
+    "sst2_prompts",
+    "steer",
+    "steering_hooks",
 ]

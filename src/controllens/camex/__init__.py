@@ -4,9 +4,19 @@ Merging functions over expert weights (:mod:`~controllens.camex.merging`), a
 merged-experts layer with routers and hook points
 (:mod:`~controllens.camex.layers`), upcycling of dense Hugging Face models
 with Mixtral export (:mod:`~controllens.camex.upcycle`) and a fine-tuning loop
-(:mod:`~controllens.camex.train`).
+(:mod:`~controllens.camex.train`), and merge analysis of hooked MoE models:
+routing statistics, expert similarity, curvature estimates, merge probes and
+merge plans (:mod:`~controllens.camex.analysis` and its siblings).
 """
 
+from controllens.camex.analysis import (
+    MoELayer,
+    RoutingHooks,
+    calibration_batches,
+    find_moe_layers,
+    token_windows,
+)
+from controllens.camex.curvature import ExpertCurvature, estimate_curvature
 from controllens.camex.layers import (
     ExpertChain,
     MergedExperts,
@@ -28,6 +38,17 @@ from controllens.camex.merging import (
     task_vectors,
     ties_elect,
 )
+from controllens.camex.probes import (
+    PROBE_METHODS,
+    MergePlan,
+    ProbeCost,
+    ProbeReport,
+    merge_group,
+    merge_plan,
+    merge_probe,
+)
+from controllens.camex.routing import RoutingStats, routing_stats
+from controllens.camex.similarity import ExpertSimilarity, expert_similarity
 from controllens.camex.train import (
     TrainConfig,
     TrainResult,
@@ -40,7 +61,25 @@ from controllens.camex.train import (
 from controllens.camex.upcycle import UpcycleConfig, save_mixtral, to_mixtral, upcycle
 
 __all__ = [
+    "PROBE_METHODS",
     "ExpertChain",
+    "ExpertCurvature",
+    "ExpertSimilarity",
+    "MergePlan",
+    "MoELayer",
+    "ProbeCost",
+    "ProbeReport",
+    "RoutingHooks",
+    "RoutingStats",
+    "calibration_batches",
+    "estimate_curvature",
+    "expert_similarity",
+    "find_moe_layers",
+    "merge_group",
+    "merge_plan",
+    "merge_probe",
+    "routing_stats",
+    "token_windows",
     "KroneckerCurvature",
     "MergedExperts",
     "MoEConfig",

@@ -1,0 +1,737 @@
+"""Per-layer contrastive means and the error signal r(k) they define.
+
+For target texts (behaviour to move towards) and source texts (behaviour to
+move away from), the error signal at layer k is
+``r(k) = mu_target(k) - mu_source(k)`` (arXiv 2510.04309, Sec. 3), the mean
+activation difference at a hook point. Means are running sums over batches, so
+memory does not grow with the data.
+"""
+
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from controllens.adapters import (
+    check_hook_point,
+    decoder_layers,
+    inspect_model,
+    resolve_layers,
+    tl_hook_name,
+)
+from controllens.data import ContrastiveTexts, from_texts
+from controllens.errors import (
+    DataError,
+    LayerError,
+    MetadataMismatchError,
+    ModelError,
+    VectorError,
+)
+
+__all__ = ["AGGREGATIONS", "ContrastiveMeans", "contrastive_means"]
+
+logger = logging.getLogger(__name__)
+
+#: How token activations of one text become one vector.
+AGGREGATIONS: tuple[str, ...] = ("last", "mean")
+_FORMAT = "controllens.contrastive_means/1"
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class ContrastiveMeans:
+    """Mean activations of target and source texts at a set of layers.
+
+    Attributes:
+        mu_target: Mean target activation, one row per entry of ``layers``.
+        mu_source: Mean source activation, one row per entry of ``layers``.
+        layers: Model layer indices of the rows, ascending, non-negative.
+        hook_point: ``"resid_post"`` or ``"resid_pre"``.
+        aggregation: ``"last"`` (last real token of each text) or ``"mean"``
+            (every real token but the first, averaged per text).
+        model_name: Name of the model the means were measured on.
+        n_layers: Number of layers of that model.
+        d_model: Width of its residual stream.
+        n_target: Number of target texts.
+        n_source: Number of source texts.
+
+    Example:
+        >>> means = ContrastiveMeans(
+        ...     mu_target=torch.ones(2, 4), mu_source=torch.zeros(2, 4),
+        ...     layers=(1, 3), hook_point="resid_post", aggregation="mean",
+        ...     model_name="toy", n_layers=4, d_model=4, n_target=5, n_source=5)
+        >>> means.error(-1)
+        tensor([1., 1., 1., 1.])
+    """
+
+    mu_target: Float[Tensor, "layer d_model"]
+    mu_source: Float[Tensor, "layer d_model"]
+    layers: tuple[int, ...]
+    hook_point: str = "resid_post"
+    aggregation: str
+    model_name: str
+    n_layers: int
+    d_model: int
+    n_target: int
+    n_source: int
+
+    def __post_init__(self) -> None:
+        layers = tuple(self.layers)
+        object.__setattr__(self, "layers", layers)
+        check_hook_point(self.hook_point)
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(
+                f"Expected aggregation in {AGGREGATIONS}, got {self.aggregation!r}."
+            )
+        if list(layers) != sorted(set(layers)) or not layers:
+            raise LayerError(
+                f"Expected layers unique and ascending, got {layers}. Sort them "
+                "and reorder the rows of mu_target and mu_source to match."
+            )
+        if layers[0] < 0 or layers[-1] >= self.n_layers:
+            raise LayerError(
+                f"Expected layers in 0..{self.n_layers - 1} (the model has "
+                f"{self.n_layers} layers), got {layers}."
+            )
+        for name in ("mu_target", "mu_source"):
+            self._check_tensor(name, getattr(self, name))
+        if self.n_target < 1 or self.n_source < 1:
+            raise DataError(
+                f"Expected n_target and n_source >= 1, got {self.n_target} and "
+                f"{self.n_source}."
+            )
+
+    def _check_tensor(self, name: str, value: Tensor) -> None:
+        expected = (len(self.layers), self.d_model)
+        if tuple(value.shape) != expected:
+            raise VectorError(
+                f"Expected {name} of shape (layer, d_model) = {expected} for "
+                f"layers {self.layers} and d_model {self.d_model}, got "
+                f"{tuple(value.shape)}."
+            )
+        finite = torch.isfinite(value).all(dim=-1)
+        if not finite.all():
+            bad = [
+                k for k, ok in zip(self.layers, finite.tolist(), strict=True) if not ok
+            ]
+            raise VectorError(
+                f"Expected finite values in {name}, got NaN or infinite entries at "
+                f"layers {bad}. Re-estimate the means (in float32 if the model "
+                "runs in half precision)."
+            )
+        # a private copy: later edits of the caller's tensor never reach us
+        object.__setattr__(self, name, value.detach().clone())
+
+    @property
+    def r(self) -> Float[Tensor, "layer d_model"]:
+        """The error signal r(k) = mu_target(k) - mu_source(k), one row per layer."""
+        return self.mu_target - self.mu_source
+
+    def error(self, layer: int) -> Float[Tensor, " d_model"]:
+        """The error signal r(k) at one model layer.
+
+        Args:
+            layer: A model layer index; negative indices count from the end of
+                the model.
+
+        Returns:
+            r(layer), a new tensor.
+
+        Raises:
+            LayerError: If the means do not cover that layer.
+        """
+        (resolved,) = resolve_layers(layer, self.n_layers)
+        if resolved not in self.layers:
+            raise LayerError(
+                f"Layer {layer} has no measured means; these cover layers "
+                f"{self.layers}. Re-estimate with layers=... including it."
+            )
+        row = self.layers.index(resolved)
+        return self.mu_target[row] - self.mu_source[row]
+
+    def metadata(self) -> dict[str, Any]:
+        """Everything but the tensors, as JSON-serialisable values."""
+        return {
+            "layers": list(self.layers),
+            "hook_point": self.hook_point,
+            "aggregation": self.aggregation,
+            "model_name": self.model_name,
+            "n_layers": self.n_layers,
+            "d_model": self.d_model,
+            "n_target": self.n_target,
+            "n_source": self.n_source,
+        }
+
+    def check_compatible(self, model: Any, *, hook_point: str | None = None) -> None:
+        """Refuse a model (or hook point) these means were not measured on.
+
+        Args:
+            model: Any model controllens accepts.
+            hook_point: The hook point the caller wants to use, if any.
+
+        Raises:
+            MetadataMismatchError: If the model's name (when both are known),
+                number of layers or width, or the hook point, differ.
+
+        Example:
+            >>> from controllens.testing import tiny_llama
+            >>> means = ContrastiveMeans(
+            ...     mu_target=torch.ones(1, 32), mu_source=torch.zeros(1, 32),
+            ...     layers=(0,), aggregation="last", model_name="tiny-llama",
+            ...     n_layers=3, d_model=32, n_target=1, n_source=1)
+            >>> means.check_compatible(tiny_llama())
+            >>> means.check_compatible(tiny_llama(d_model=16))
+            Traceback (most recent call last):
+            ...
+            controllens.errors.MetadataMismatchError: These means were measured on \
+another model or hook point (saved vs requested): d_model 32 vs 16. Re-estimate \
+them with contrastive_means on this model.
+        """
+        info = inspect_model(model)
+        problems = []
+        names = {self.model_name, info.name}
+        if "unknown" not in names and len(names) > 1:
+            problems.append(f"model {self.model_name!r} vs {info.name!r}")
+        if info.n_layers != self.n_layers:
+            problems.append(f"n_layers {self.n_layers} vs {info.n_layers}")
+        if info.d_model != self.d_model:
+            problems.append(f"d_model {self.d_model} vs {info.d_model}")
+        if hook_point is not None and hook_point != self.hook_point:
+            problems.append(f"hook point {self.hook_point!r} vs {hook_point!r}")
+        if problems:
+            raise MetadataMismatchError(
+                "These means were measured on another model or hook point (saved "
+                f"vs requested): {'; '.join(problems)}. Re-estimate them with "
+                "contrastive_means on this model."
+            )
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the means as safetensors, metadata in the file's header.
+
+        Args:
+            path: The file to write (conventionally ``*.safetensors``).
+
+        Returns:
+            The path written.
+        """
+        path = Path(path)
+        header = {key: json.dumps(value) for key, value in self.metadata().items()}
+        header["format"] = _FORMAT
+        tensors = {
+            "mu_target": self.mu_target.detach().cpu().contiguous(),
+            "mu_source": self.mu_source.detach().cpu().contiguous(),
+        }
+        save_file(tensors, str(path), metadata=header)
+        return path
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        model: Any = None,
+        *,
+        hook_point: str | None = None,
+    ) -> "ContrastiveMeans":
+        """Read means written by :meth:`save`.
+
+        Args:
+            path: The safetensors file.
+            model: If given, refuse the file unless it was made for this model.
+            hook_point: If given, refuse the file unless it was made for this
+                hook point.
+
+        Returns:
+            The means, on the CPU.
+
+        Raises:
+            MetadataMismatchError: If the file was made for another model or
+                hook point, or was not written by :meth:`save`.
+
+        Example:
+            >>> import tempfile
+            >>> means = ContrastiveMeans(
+            ...     mu_target=torch.ones(1, 4), mu_source=torch.zeros(1, 4),
+            ...     layers=(0,), aggregation="last", model_name="toy",
+            ...     n_layers=2, d_model=4, n_target=1, n_source=1)
+            >>> with tempfile.TemporaryDirectory() as tmp:
+            ...     path = means.save(Path(tmp) / "toy.safetensors")
+            ...     ContrastiveMeans.load(path).r
+            tensor([[1., 1., 1., 1.]])
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"No saved means at {str(path)!r}.")
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            if header.get("format") != _FORMAT or not {"mu_target", "mu_source"} <= set(
+                f.keys()
+            ):
+                raise MetadataMismatchError(
+                    f"Expected a file written by ContrastiveMeans.save (format "
+                    f"{_FORMAT!r}), got format {header.get('format')!r} in "
+                    f"{str(path)!r}."
+                )
+            tensors = {key: f.get_tensor(key) for key in ("mu_target", "mu_source")}
+        names = set(cls.__dataclass_fields__) - {"mu_target", "mu_source"}
+        try:
+            fields = {key: json.loads(header[key]) for key in names}
+        except (KeyError, json.JSONDecodeError) as err:
+            raise MetadataMismatchError(
+                f"The metadata of {str(path)!r} is incomplete or corrupt ({err!r}); "
+                "re-save the means with ContrastiveMeans.save."
+            ) from err
+        fields["layers"] = tuple(fields["layers"])
+        means = cls(**tensors, **fields)
+        if model is not None or hook_point is not None:
+            if model is None:
+                if hook_point != means.hook_point:
+                    raise MetadataMismatchError(
+                        f"Expected means at hook point {hook_point!r}, but "
+                        f"{str(path)!r} holds means at {means.hook_point!r}."
+                    )
+            else:
+                means.check_compatible(model, hook_point=hook_point)
+        return means
+
+
+class _StopForward(Exception):
+    """Raised from a hook once the deepest needed layer has been read."""
+
+
+def _coerce_data(
+    data: ContrastiveTexts | None,
+    target: Sequence[str] | None,
+    source: Sequence[str] | None,
+) -> ContrastiveTexts:
+    if data is not None:
+        if target is not None or source is not None:
+            raise DataError(
+                "Expected either data=ContrastiveTexts(...) or target= and source=, "
+                "got both. Pass one of the two."
+            )
+        if not isinstance(data, ContrastiveTexts):
+            raise TypeError(
+                f"Expected data to be ContrastiveTexts, got {type(data).__name__}. "
+                "Build it with controllens.data.from_texts(target, source)."
+            )
+        return data
+    if target is None or source is None:
+        raise DataError(
+            "Expected both target and source texts, got "
+            f"{'no target' if target is None else 'target'} and "
+            f"{'no source' if source is None else 'source'}. Contrastive means need "
+            "both sides."
+        )
+    return from_texts(target, source)
+
+
+def _check_options(
+    aggregation: str, batch_size: int, padding_side: str, max_length: int | None
+) -> None:
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(
+            f"Expected aggregation in {AGGREGATIONS}, got {aggregation!r}."
+        )
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, int)
+        or batch_size < 1
+    ):
+        raise ValueError(f"Expected batch_size a positive integer, got {batch_size!r}.")
+    if padding_side not in ("left", "right"):
+        raise ValueError(
+            f"Expected padding_side 'left' or 'right', got {padding_side!r}."
+        )
+    least = 2 if aggregation == "mean" else 1
+    if max_length is not None and max_length < least:
+        raise ValueError(
+            f"Expected max_length >= {least} with aggregation {aggregation!r} (or "
+            f"None), got {max_length}."
+        )
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    ids = tokenizer("x")["input_ids"]
+    return bos is not None and bool(ids) and ids[0] == bos
+
+
+def _hf_adds_bos(tokenizer: Any, kind: str) -> bool:
+    """Whether the model's own Hugging Face tokenizer starts texts with a BOS.
+
+    A TransformerBridge swaps in a copy of the tokenizer that always adds one;
+    the original convention is read back from the tokenizer folder when it is
+    a local one (TransformerLens keeps its BOS otherwise).
+    """
+    if kind != "transformer_lens" or not _adds_bos(tokenizer):
+        return _adds_bos(tokenizer)
+    folder = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
+    if not (folder / "tokenizer_config.json").is_file():
+        return True
+    from transformers import AutoTokenizer
+
+    return _adds_bos(AutoTokenizer.from_pretrained(folder, local_files_only=True))
+
+
+def _encode(
+    texts: Sequence[str],
+    tokenizer: Any,
+    *,
+    bos: bool,
+    chat_template: bool,
+    max_length: int | None,
+) -> list[list[int]]:
+    if chat_template:
+        texts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+            for text in texts
+        ]
+    # special tokens by hand, so that every back end sees the same ids
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    if bos:
+        bos_id = tokenizer.bos_token_id
+        ids = [row if row[:1] == [bos_id] else [bos_id, *row] for row in ids]
+    if max_length is not None:
+        ids = [row[:max_length] for row in ids]
+    return ids
+
+
+def _pad(
+    ids: list[list[int]], pad_id: int, side: str, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    width = max(len(row) for row in ids)
+    tokens = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, row in enumerate(ids):
+        span = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
+        tokens[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return tokens.to(device), mask.to(device)
+
+
+def _token_weights(
+    mask: Tensor, aggregation: str, texts: Sequence[str], offset: int, side: str
+) -> Tensor:
+    """Weights [batch, pos] that turn token activations into one vector per text."""
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    if aggregation == "last":
+        last = (mask * (positions + 1)).argmax(dim=-1)
+        return torch.nn.functional.one_hot(last, mask.shape[1]).to(torch.float64)
+
+    # the first real token is an attention sink whose norm is ~100x the others
+    # (DESIGN.md, SmolLM2 measurements): leave it out, and the pads
+    weights = mask.to(torch.float64)
+    first = mask.argmax(dim=-1)
+    weights[torch.arange(mask.shape[0], device=mask.device), first] = 0.0
+    counts = weights.sum(dim=-1, keepdim=True)
+    if (counts == 0).any():
+        i = int((counts[:, 0] == 0).nonzero()[0, 0])
+        raise DataError(
+            f"The {side} text {offset + i} ({texts[offset + i]!r}) has a single "
+            "token, and aggregation 'mean' leaves out the first token. Use "
+            "aggregation='last' or longer texts."
+        )
+    return weights / counts
+
+
+def _tl_forward(
+    model: Any, layers: tuple[int, ...], hook_point: str, n_layers: int
+) -> Callable[[Tensor, Tensor, Callable[[int, Tensor], None]], None]:
+    def forward(tokens: Tensor, mask: Tensor, read: Callable[[int, Tensor], None]):
+        def hook_for(layer: int) -> Callable[..., Tensor]:
+            def hook(activation: Tensor, hook: Any) -> Tensor:
+                read(layer, activation)
+                return activation
+
+            return hook
+
+        stop = layers[-1] + 1
+        model.run_with_hooks(
+            tokens,
+            fwd_hooks=[(tl_hook_name(hook_point, k), hook_for(k)) for k in layers],
+            attention_mask=mask,
+            stop_at_layer=stop if stop < n_layers else None,
+            return_type=None if stop >= n_layers else "logits",
+        )
+
+    return forward
+
+
+def _hf_forward(
+    hf_model: torch.nn.Module, layers: tuple[int, ...], hook_point: str
+) -> Callable[[Tensor, Tensor, Callable[[int, Tensor], None]], None]:
+    modules = decoder_layers(hf_model)[1]
+    deepest = layers[-1]
+
+    def forward(tokens: Tensor, mask: Tensor, read: Callable[[int, Tensor], None]):
+        def post_hook(layer: int) -> Callable[..., None]:
+            def hook(module: Any, args: Any, output: Any) -> None:
+                read(layer, output[0] if isinstance(output, tuple) else output)
+                if layer == deepest:
+                    raise _StopForward
+
+            return hook
+
+        def pre_hook(layer: int) -> Callable[..., None]:
+            def hook(module: Any, args: Any, kwargs: Any) -> None:
+                read(layer, args[0] if args else kwargs["hidden_states"])
+                if layer == deepest:
+                    raise _StopForward
+
+            return hook
+
+        handles = []
+        try:
+            for k in layers:
+                if hook_point == "resid_post":
+                    handle = modules[k].register_forward_hook(post_hook(k))
+                else:
+                    handle = modules[k].register_forward_pre_hook(
+                        pre_hook(k), with_kwargs=True
+                    )
+                handles.append(handle)
+            # positions count real tokens only, so left padding does not shift
+            # them (matters for absolute position embeddings)
+            position_ids = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+            hf_model(
+                input_ids=tokens,
+                attention_mask=mask,
+                position_ids=position_ids,
+                use_cache=False,
+            )
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    return forward
+
+
+def _side_means(
+    texts: Sequence[str],
+    side: str,
+    forward: Callable[..., None],
+    *,
+    tokenizer: Any,
+    layers: tuple[int, ...],
+    d_model: int,
+    aggregation: str,
+    batch_size: int,
+    padding_side: str,
+    bos: bool,
+    chat_template: bool,
+    max_length: int | None,
+    device: torch.device,
+    bar: Any,
+) -> Tensor:
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    row_of = {layer: row for row, layer in enumerate(layers)}
+    # float64 running sums of per-text vectors: memory is O(layers x d_model)
+    sums = torch.zeros(len(layers), d_model, dtype=torch.float64, device=device)
+
+    for start in range(0, len(texts), batch_size):
+        batch = texts[start : start + batch_size]
+        ids = _encode(
+            batch,
+            tokenizer,
+            bos=bos,
+            chat_template=chat_template,
+            max_length=max_length,
+        )
+        empty = [start + i for i, row in enumerate(ids) if not row]
+        if empty:
+            raise DataError(
+                f"The {side} text {empty[0]} tokenises to no tokens; remove it."
+            )
+        tokens, mask = _pad(ids, pad_id, padding_side, device)
+        weights = _token_weights(mask, aggregation, texts, start, side)
+
+        def read(layer: int, activation: Tensor, weights: Tensor = weights) -> None:
+            sums[row_of[layer]] += torch.einsum(
+                "bpd,bp->d", activation.to(torch.float64), weights
+            )
+
+        forward(tokens, mask, read)
+        bar.update(len(batch))
+    return sums / len(texts)
+
+
+def _resolve_tokenizer(
+    info: Any, tokenizer: Any, chat_template: bool, prepend_bos: bool | None
+) -> tuple[Any, bool]:
+    """The tokenizer to encode texts with, and whether to prepend a BOS."""
+    if tokenizer is None:
+        if info.tokenizer is None:
+            raise ModelError(
+                f"Expected a tokenizer for this {info.kind} model, got none: pass "
+                "tokenizer=... (load_hf returns one)."
+            )
+        tokenizer, bos = info.tokenizer, _hf_adds_bos(info.tokenizer, info.kind)
+    else:
+        bos = _adds_bos(tokenizer)
+    if chat_template:
+        bos = False
+    if prepend_bos is not None:
+        bos = prepend_bos
+    if bos and tokenizer.bos_token_id is None:
+        raise ModelError(
+            "Expected a tokenizer with a BOS token for prepend_bos=True, got one "
+            "without. Pass prepend_bos=False."
+        )
+    return tokenizer, bos
+
+
+def contrastive_means(
+    model: Any,
+    data: ContrastiveTexts | None = None,
+    *,
+    target: Sequence[str] | None = None,
+    source: Sequence[str] | None = None,
+    tokenizer: Any = None,
+    layers: int | Sequence[int] | None = None,
+    hook_point: str = "resid_post",
+    aggregation: str = "mean",
+    batch_size: int = 16,
+    padding_side: str = "right",
+    chat_template: bool = False,
+    prepend_bos: bool | None = None,
+    max_length: int | None = None,
+    progress: bool = True,
+) -> ContrastiveMeans:
+    """Measure per-layer mean activations of target and source texts.
+
+    Each text becomes one vector per layer: its last real token
+    (``aggregation="last"``) or the average of its real tokens except the first
+    (``"mean"``; the first token is an attention sink with a huge norm). The
+    means over texts are running sums in float64, so memory does not grow with
+    the data. Texts are tokenised by the model's Hugging Face tokenizer exactly
+    once, with the BOS convention of the model's Hugging Face tokenizer (a
+    TransformerBridge's own tokenizer always adds a BOS; its original
+    convention is read back from a local tokenizer folder), so every back end
+    sees the same tokens.
+
+    TransformerLens models are read through their hook points
+    (``blocks.{l}.hook_resid_post``) with an attention mask; Hugging Face and
+    nnsight models through PyTorch hooks on the decoder layers (resid_post is
+    a layer's output, resid_pre its input). The forward stops after the
+    deepest requested layer.
+
+    Args:
+        model: A TransformerBridge / HookedTransformer, nnsight LanguageModel
+            or Hugging Face causal LM.
+        data: Target and source texts; or pass ``target`` and ``source``.
+        target: Texts showing the behaviour to steer towards.
+        source: Texts showing the behaviour to steer away from.
+        tokenizer: The tokenizer; needed only for a plain Hugging Face model
+            (the other kinds carry theirs).
+        layers: Model layers to measure (negative count from the end); None
+            for all.
+        hook_point: ``"resid_post"`` (after the block) or ``"resid_pre"``.
+        aggregation: ``"mean"`` or ``"last"``.
+        batch_size: Texts per forward pass.
+        padding_side: ``"right"`` or ``"left"``; results agree within float
+            tolerance.
+        chat_template: Wrap each text as a user turn of the tokenizer's chat
+            template, followed by the assistant header.
+        prepend_bos: Start every text with the BOS token (True) or not
+            (False); None follows the model's Hugging Face tokenizer (and the
+            chat template, when applied).
+        max_length: Truncate texts to this many tokens; None for no limit.
+        progress: Show a progress bar.
+
+    Returns:
+        The means, float32 on the CPU.
+
+    Raises:
+        DataError: Empty or one-sided data, or a text too short to aggregate.
+        LayerError: A layer outside the model.
+        HookPointError: An unknown hook point.
+        ModelError: A model controllens does not recognise, or no tokenizer.
+
+    Example:
+        >>> from controllens.testing import tiny_llama, tiny_tokenizer
+        >>> means = contrastive_means(
+        ...     tiny_llama(), target=["a joy to watch"], source=["a chore"],
+        ...     tokenizer=tiny_tokenizer(), progress=False)
+        >>> means.r.shape, means.layers
+        (torch.Size([3, 32]), (0, 1, 2))
+    """
+    data = _coerce_data(data, target, source)
+    check_hook_point(hook_point)
+    _check_options(aggregation, batch_size, padding_side, max_length)
+    if not isinstance(getattr(model, "parameters", None), Callable):
+        raise ModelError(
+            f"Expected a TransformerBridge, HookedTransformer, nnsight "
+            f"LanguageModel or Hugging Face causal LM, got {type(model).__name__}."
+        )
+    info = inspect_model(model)
+    chosen = resolve_layers(layers, info.n_layers)
+    tokenizer, bos = _resolve_tokenizer(info, tokenizer, chat_template, prepend_bos)
+
+    if info.kind == "transformer_lens":
+        forward = _tl_forward(model, chosen, hook_point, info.n_layers)
+    else:
+        if info.hf_model is None:
+            raise ModelError(
+                f"Found no Hugging Face module inside this {info.kind} model."
+            )
+        forward = _hf_forward(info.hf_model, chosen, hook_point)
+
+    options = dict(
+        tokenizer=tokenizer,
+        layers=chosen,
+        d_model=info.d_model,
+        aggregation=aggregation,
+        batch_size=batch_size,
+        padding_side=padding_side,
+        bos=bos,
+        chat_template=chat_template,
+        max_length=max_length,
+        device=info.device,
+    )
+    total = data.n_target + data.n_source
+    with (
+        torch.inference_mode(),
+        tqdm(
+            total=total, desc="contrastive means", unit="text", disable=not progress
+        ) as bar,
+    ):
+        mu_target = _side_means(data.target, "target", forward, bar=bar, **options)
+        mu_source = _side_means(data.source, "source", forward, bar=bar, **options)
+
+    logger.info(
+        "Measured %s means of %d target and %d source texts at %d layers of %s",
+        aggregation,
+        data.n_target,
+        data.n_source,
+        len(chosen),
+        info.name,
+    )
+    return ContrastiveMeans(
+        mu_target=mu_target.to(torch.float32).cpu(),
+        mu_source=mu_source.to(torch.float32).cpu(),
+        layers=chosen,
+        hook_point=hook_point,
+        aggregation=aggregation,
+        model_name=info.name,
+        n_layers=info.n_layers,
+        d_model=info.d_model,
+        n_target=data.n_target,
+        n_source=data.n_source,
+    )

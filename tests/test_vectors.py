@@ -1,0 +1,441 @@
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from controllens.data import from_texts, load_labelled_tsv
+from controllens.errors import (
+    DataError,
+    HookPointError,
+    LayerError,
+    MetadataMismatchError,
+    ModelError,
+    VectorError,
+)
+from controllens.testing import tiny_llama, tiny_tokenizer
+from controllens.vectors import ContrastiveMeans, contrastive_means
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+TARGET = ("a joy to watch", "good", "the best film of the year, truly", "fun!")
+SOURCE = ("a chore", "dull and long-winded, a real mess", "bad bad", "meh.")
+DATA_TINY = from_texts(TARGET, SOURCE)
+
+
+@pytest.fixture(scope="session")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def models(tiny_hf, tiny_bridge, tiny_nnsight):
+    return {"hf": tiny_hf, "bridge": tiny_bridge, "nnsight": tiny_nnsight}
+
+
+def means_of(model, tok, **kwargs):
+    kwargs.setdefault("progress", False)
+    return contrastive_means(model, DATA_TINY, tokenizer=tok, **kwargs)
+
+
+def hidden_states(model, tok, text):
+    """Per-layer residual streams of one unpadded text: index l is resid_pre of l."""
+    ids = tok([text], return_tensors="pt")
+    with torch.inference_mode():
+        out = model(**ids, output_hidden_states=True)
+    # HF applies the final norm to its last hidden state; layers below it are raw
+    return [h[0].double() for h in out.hidden_states[:-1]]
+
+
+def by_hand(model, tok, texts, layer, aggregation):
+    rows = []
+    for text in texts:
+        h = hidden_states(model, tok, text)[layer]
+        rows.append(h[-1] if aggregation == "last" else h[1:].mean(dim=0))
+    return torch.stack(rows).mean(dim=0)
+
+
+def toy_means(**changes):
+    fields = dict(
+        mu_target=torch.arange(12.0).reshape(3, 4),
+        mu_source=torch.ones(3, 4),
+        layers=(0, 2, 5),
+        hook_point="resid_post",
+        aggregation="mean",
+        model_name="tiny-llama",
+        n_layers=6,
+        d_model=4,
+        n_target=10,
+        n_source=12,
+    )
+    fields.update(changes)
+    return ContrastiveMeans(**fields)
+
+
+# extraction
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "last"])
+@pytest.mark.parametrize("hook_point", ["resid_pre", "resid_post"])
+def test_means_match_a_hand_computation_on_unpadded_texts(
+    tiny_hf, tok, aggregation, hook_point
+):
+    means = means_of(
+        tiny_hf, tok, aggregation=aggregation, hook_point=hook_point, batch_size=3
+    )
+    for row, layer in enumerate(means.layers[:2]):
+        index = layer if hook_point == "resid_pre" else layer + 1
+        for texts, mu in ((TARGET, means.mu_target), (SOURCE, means.mu_source)):
+            expected = by_hand(tiny_hf, tok, texts, index, aggregation)
+            torch.testing.assert_close(mu[row].double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_mean_leaves_out_the_first_token_and_the_padding(tiny_hf, tok):
+    text_long, text_short = "abcdef", "xy"
+    means = contrastive_means(
+        tiny_hf, target=[text_long, text_short], source=["zz"], tokenizer=tok,
+        layers=[1], hook_point="resid_pre", batch_size=2, progress=False,
+    )  # fmt: skip
+    # "xy" is <s> x y: only x and y count, and none of the 4 pads of its row
+    long_rows = hidden_states(tiny_hf, tok, text_long)[1]
+    short_rows = hidden_states(tiny_hf, tok, text_short)[1]
+    assert short_rows.shape[0] == 3
+    expected = (long_rows[1:].mean(0) + short_rows[1:].mean(0)) / 2
+    torch.testing.assert_close(
+        means.mu_target[0].double(), expected, rtol=1e-5, atol=1e-6
+    )
+    with_first = (long_rows.mean(0) + short_rows.mean(0)) / 2
+    assert not torch.allclose(means.mu_target[0].double(), with_first, atol=1e-4)
+
+
+def test_last_reads_the_last_real_token_under_left_and_right_padding(tiny_hf, tok):
+    expected = by_hand(tiny_hf, tok, TARGET, 2, "last")
+    for side in ("left", "right"):
+        means = means_of(
+            tiny_hf, tok, aggregation="last", hook_point="resid_pre",
+            layers=[2], batch_size=4, padding_side=side,
+        )  # fmt: skip
+        torch.testing.assert_close(
+            means.mu_target[0].double(), expected, rtol=1e-5, atol=1e-6
+        )
+
+
+@pytest.mark.parametrize("kind", ["hf", "bridge", "nnsight"])
+@pytest.mark.parametrize("aggregation", ["mean", "last"])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_batched_means_equal_batch_size_one_under_padding(
+    models, tok, kind, aggregation, padding_side
+):
+    model = models[kind]
+    single = means_of(model, tok, aggregation=aggregation, batch_size=1)
+    batched = means_of(
+        model, tok, aggregation=aggregation, batch_size=3, padding_side=padding_side
+    )
+    torch.testing.assert_close(
+        batched.mu_target, single.mu_target, rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(
+        batched.mu_source, single.mu_source, rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("hook_point", ["resid_pre", "resid_post"])
+def test_bridge_nnsight_and_hf_means_agree(models, tok, hook_point):
+    reference = means_of(models["hf"], tok, hook_point=hook_point)
+    for kind in ("bridge", "nnsight"):
+        other = means_of(models[kind], tok, hook_point=hook_point)
+        torch.testing.assert_close(other.r, reference.r, rtol=1e-5, atol=1e-6)
+        assert other.layers == reference.layers == (0, 1, 2)
+
+
+def test_resid_pre_of_a_layer_is_resid_post_of_the_layer_before(tiny_hf, tok):
+    pre = means_of(tiny_hf, tok, hook_point="resid_pre", layers=[2])
+    post = means_of(tiny_hf, tok, hook_point="resid_post", layers=[1])
+    torch.testing.assert_close(pre.mu_target, post.mu_target)
+
+
+def test_means_record_what_was_measured(tiny_hf, tok):
+    means = means_of(tiny_hf, tok, layers=[-1, 0], aggregation="last")
+    assert means.layers == (0, 2)
+    assert (means.n_layers, means.d_model) == (3, 32)
+    assert (means.n_target, means.n_source) == (4, 4)
+    assert means.model_name == "tiny-llama"
+    assert means.mu_target.dtype == torch.float32
+    assert means.mu_target.device.type == "cpu"
+
+
+def test_target_and_source_keywords_equal_a_data_object(tiny_hf, tok):
+    a = means_of(tiny_hf, tok, layers=[1])
+    b = contrastive_means(
+        tiny_hf, target=TARGET, source=SOURCE, tokenizer=tok, layers=[1], progress=False
+    )
+    torch.testing.assert_close(a.r, b.r, rtol=0, atol=0)
+
+
+def test_max_length_truncates_every_text(tiny_hf, tok):
+    truncated = means_of(tiny_hf, tok, max_length=4, layers=[0])
+    # the tokenizer adds <s>, so 4 tokens are <s> plus 3 characters
+    short = from_texts([t[:3] for t in TARGET], [t[:3] for t in SOURCE])
+    expected = contrastive_means(
+        tiny_hf, short, tokenizer=tok, layers=[0], progress=False
+    )
+    torch.testing.assert_close(truncated.r, expected.r, rtol=1e-5, atol=1e-6)
+
+
+def test_chat_template_wraps_texts_as_a_user_turn(tiny_hf):
+    tok = tiny_tokenizer()
+    tok.chat_template = (
+        "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}"
+        "{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
+    )
+    wrapped = means_of(tiny_hf, tok, chat_template=True, aggregation="last")
+    by_text = contrastive_means(
+        tiny_hf,
+        target=[f"[user]{t}[assistant]" for t in TARGET],
+        source=[f"[user]{s}[assistant]" for s in SOURCE],
+        tokenizer=tok,
+        aggregation="last",
+        progress=False,
+    )
+    # one <s>: the template's, not a second one from the tokenizer
+    torch.testing.assert_close(wrapped.r, by_text.r, rtol=1e-5, atol=1e-6)
+
+
+def test_progress_bar_can_be_switched_off(tiny_hf, tok, capsys):
+    means_of(tiny_hf, tok, progress=False, layers=[0])
+    assert capsys.readouterr().err == ""
+    means_of(tiny_hf, tok, progress=True, layers=[0])
+    assert "contrastive means" in capsys.readouterr().err
+
+
+def test_hooks_are_removed_even_when_the_forward_raises(tiny_hf, tok):
+    layer = tiny_hf.model.layers[0]
+    before = [
+        (len(m._forward_hooks), len(m._forward_pre_hooks)) for m in tiny_hf.modules()
+    ]
+
+    def boom(module, args, output):
+        raise RuntimeError("boom")
+
+    handle = layer.register_forward_hook(boom)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            means_of(tiny_hf, tok, layers=[1])
+    finally:
+        handle.remove()
+    after = [
+        (len(m._forward_hooks), len(m._forward_pre_hooks)) for m in tiny_hf.modules()
+    ]
+    assert after == before
+
+
+# bad input to contrastive_means
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(target=["good"], source=[]), DataError, "at least one source"),
+        (dict(target=["good"]), DataError, "no source"),
+        (dict(data=DATA_TINY, target=["x"]), DataError, "got both"),
+        (dict(data=DATA_TINY, layers=[3]), LayerError, r"use 0\.\.2"),
+        (dict(data=DATA_TINY, layers=[-4]), LayerError, "outside the model"),
+        (dict(data=DATA_TINY, hook_point="mlp_out"), HookPointError, "resid_post"),
+        (dict(data=DATA_TINY, aggregation="max"), ValueError, "aggregation in"),
+        (dict(data=DATA_TINY, batch_size=0), ValueError, "positive integer"),
+        (dict(data=DATA_TINY, padding_side="up"), ValueError, "'left' or 'right'"),
+        (dict(data=DATA_TINY, max_length=1), ValueError, "max_length >= 2"),
+        (
+            dict(target=["ok", "x"], source=["bad"], prepend_bos=False),
+            DataError,
+            "target text 1 .*single token",
+        ),
+    ],
+    ids=[
+        "one-sided",
+        "no-source",
+        "data-and-texts",
+        "layer-too-deep",
+        "negative-too-far",
+        "hook-point",
+        "aggregation",
+        "batch-size",
+        "padding-side",
+        "max-length",
+        "single-token-mean",
+    ],
+)
+def test_bad_input_is_refused_with_a_clear_error(tiny_hf, tok, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        contrastive_means(tiny_hf, tokenizer=tok, progress=False, **kwargs)
+
+
+def test_a_single_token_text_is_fine_with_last(tiny_hf, tok):
+    means = contrastive_means(
+        tiny_hf, target=["x"], source=["y"], tokenizer=tok, aggregation="last",
+        prepend_bos=False, progress=False,
+    )  # fmt: skip
+    assert means.n_target == 1
+
+
+def test_an_unknown_model_is_refused(tok):
+    with pytest.raises(ModelError, match="Expected a TransformerBridge"):
+        contrastive_means(torch.nn.Linear(2, 2), DATA_TINY, tokenizer=tok)
+    with pytest.raises(ModelError, match="Expected a TransformerBridge"):
+        contrastive_means(object(), DATA_TINY, tokenizer=tok)
+
+
+def test_a_plain_hf_model_needs_a_tokenizer(tiny_hf):
+    with pytest.raises(ModelError, match="pass tokenizer="):
+        contrastive_means(tiny_hf, DATA_TINY, progress=False)
+
+
+# the ContrastiveMeans object
+
+
+def test_r_is_target_minus_source_and_error_counts_from_the_end():
+    means = toy_means()
+    torch.testing.assert_close(means.r, means.mu_target - 1)
+    torch.testing.assert_close(means.error(-1), means.r[2])
+    torch.testing.assert_close(means.error(2), means.r[1])
+
+
+def test_error_at_an_unmeasured_layer_names_the_measured_ones():
+    with pytest.raises(LayerError, match=r"cover layers \(0, 2, 5\)"):
+        toy_means().error(3)
+    with pytest.raises(LayerError, match=r"use 0\.\.5"):
+        toy_means().error(6)
+
+
+def test_means_keep_their_own_copy_of_the_tensors():
+    mu = torch.zeros(3, 4)
+    means = toy_means(mu_target=mu)
+    mu += 1
+    means.error(0).add_(5)
+    assert means.mu_target.abs().sum() == 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_means_are_refused_naming_the_layers(bad):
+    mu = torch.zeros(3, 4)
+    mu[1, 2] = bad
+    with pytest.raises(VectorError, match=r"mu_source.*layers \[2\]"):
+        toy_means(mu_source=mu)
+
+
+@pytest.mark.parametrize(
+    ("changes", "error", "match"),
+    [
+        (dict(layers=(0, 2)), VectorError, r"shape \(layer, d_model\) = \(2, 4\)"),
+        (dict(d_model=5), VectorError, r"= \(3, 5\)"),
+        (dict(layers=(5, 2, 0)), LayerError, "unique and ascending"),
+        (dict(layers=(0, 2, 6)), LayerError, r"0\.\.5"),
+        (dict(hook_point="attn_out"), HookPointError, "resid_pre"),
+        (dict(aggregation="max"), ValueError, "aggregation"),
+        (dict(n_source=0), DataError, "n_source"),
+    ],
+    ids=["rows", "width", "order", "range", "hook-point", "aggregation", "count"],
+)
+def test_inconsistent_means_are_refused(changes, error, match):
+    with pytest.raises(error, match=match):
+        toy_means(**changes)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    means = toy_means()
+    path = means.save(tmp_path / "means.safetensors")
+    loaded = ContrastiveMeans.load(path)
+    torch.testing.assert_close(loaded.mu_target, means.mu_target, rtol=0, atol=0)
+    torch.testing.assert_close(loaded.mu_source, means.mu_source, rtol=0, atol=0)
+    assert loaded.metadata() == means.metadata()
+    # the metadata lives in the safetensors header, as JSON strings
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata()["layers"] == "[0, 2, 5]"
+        assert f.metadata()["hook_point"] == '"resid_post"'
+
+
+def test_saved_means_load_for_their_own_model(tiny_hf, tok, tmp_path):
+    means = means_of(tiny_hf, tok, layers=[1])
+    path = means.save(tmp_path / "m.safetensors")
+    loaded = ContrastiveMeans.load(path, tiny_hf, hook_point="resid_post")
+    torch.testing.assert_close(loaded.r, means.r, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("model_kwargs", "hook_point", "match"),
+    [
+        (dict(d_model=16), None, "d_model 32 vs 16"),
+        (dict(n_layers=4), None, "n_layers 3 vs 4"),
+        (dict(), "resid_pre", "hook point 'resid_post' vs 'resid_pre'"),
+    ],
+    ids=["width", "depth", "hook-point"],
+)
+def test_loading_for_another_model_is_refused(
+    tiny_hf, tok, tmp_path, model_kwargs, hook_point, match
+):
+    path = means_of(tiny_hf, tok, layers=[0]).save(tmp_path / "m.safetensors")
+    with pytest.raises(MetadataMismatchError, match=match):
+        ContrastiveMeans.load(path, tiny_llama(**model_kwargs), hook_point=hook_point)
+
+
+def test_loading_for_a_model_of_another_name_is_refused(tiny_hf, tmp_path):
+    path = toy_means(n_layers=3, d_model=32, layers=(0,), mu_target=torch.zeros(1, 32),
+                     mu_source=torch.ones(1, 32), model_name="gpt2").save(
+        tmp_path / "m.safetensors")  # fmt: skip
+    with pytest.raises(MetadataMismatchError, match="model 'gpt2' vs 'tiny-llama'"):
+        ContrastiveMeans.load(path, tiny_hf)
+
+
+def test_a_safetensors_file_of_something_else_is_refused(tmp_path):
+    path = tmp_path / "other.safetensors"
+    save_file({"weight": torch.zeros(2)}, str(path))
+    with pytest.raises(MetadataMismatchError, match="written by ContrastiveMeans.save"):
+        ContrastiveMeans.load(path)
+
+
+# the real model
+
+
+@pytest.fixture(scope="module")
+def smol_hf_eager():
+    from controllens.models import load_hf
+
+    model, tokenizer = load_hf()
+    model.set_attn_implementation("eager")
+    return model, tokenizer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("aggregation", ["mean", "last"])
+def test_bridge_and_hf_means_agree_on_smollm2(
+    smol_bridge, smol_hf, smol_hf_eager, aggregation
+):
+    path = DATA / "sst2" / "train_sample.tsv"
+    if not path.exists():
+        pytest.skip(f"shared data not found at {path} (expected ../shared/data)")
+    data = load_labelled_tsv(path, limit=4)
+    kwargs = dict(aggregation=aggregation, batch_size=4, progress=False)
+    from_bridge = contrastive_means(smol_bridge, data, **kwargs)
+    for hf, tokenizer in (smol_hf, smol_hf_eager):
+        from_hf = contrastive_means(hf, data, tokenizer=tokenizer, **kwargs)
+        assert from_hf.model_name == from_bridge.model_name == "SmolLM2-135M-Instruct"
+        for name in ("mu_target", "mu_source"):
+            ours, theirs = getattr(from_bridge, name), getattr(from_hf, name)
+            # the bridge runs eager attention: identical to eager HF; against
+            # HF's default SDPA kernel the gap is float32 rounding (measured
+            # 1.4e-4 at layer 29, whose entries reach ~550)
+            scale = theirs.abs().amax(dim=-1, keepdim=True).clamp(min=1.0)
+            assert ((ours - theirs).abs() / scale).max() < 1e-6
+            if hf is smol_hf_eager[0]:
+                torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
+def test_a_file_with_incomplete_metadata_is_refused(tmp_path):
+    path = tmp_path / "broken.safetensors"
+    tensors = {"mu_target": torch.zeros(1, 4), "mu_source": torch.zeros(1, 4)}
+    save_file(
+        tensors, str(path), metadata={"format": "controllens.contrastive_means/1"}
+    )
+    with pytest.raises(MetadataMismatchError, match="incomplete or corrupt"):
+        ContrastiveMeans.load(path)
