@@ -563,9 +563,13 @@ def _side_means(
         weights = _token_weights(mask, aggregation, texts, start, side)
 
         def read(layer: int, activation: Tensor, weights: Tensor = weights) -> None:
-            sums[row_of[layer]] += torch.einsum(
-                "bpd,bp->d", activation.to(torch.float64), weights
+            # one batch is reduced in (at least) float32 without a float64 copy
+            # of the activations; the running sum over batches is float64
+            dtype = torch.promote_types(activation.dtype, torch.float32)
+            batch_sum = torch.einsum(
+                "bpd,bp->d", activation.to(dtype), weights.to(dtype)
             )
+            sums[row_of[layer]] += batch_sum.to(torch.float64)
 
         forward(tokens, mask, read)
         bar.update(len(batch))
