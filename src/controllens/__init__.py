@@ -30,7 +30,7 @@ from controllens.interventions import steer
 from controllens.models import DEFAULT_MODEL, load_bridge, load_hf, load_nnsight
 from controllens.sequential import sequential_steering
 from controllens.steering import Positions, Steering
-from controllens.vectors import ContrastiveMeans, contrastive_means
+from controllens.vectors import ContrastiveMeans, contrastive_means, mean_activations
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -56,6 +56,7 @@ __all__ = [
     "load_hf",
     "load_labelled_tsv",
     "load_nnsight",
+    "mean_activations",
     "sequential_steering",
     "sst2_prompts",
     "steer",

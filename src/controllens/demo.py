@@ -28,7 +28,7 @@ from controllens.evaluate import (
     scorer_accuracy,
 )
 from controllens.steering import Steering
-from controllens.vectors import contrastive_means
+from controllens.vectors import contrastive_means, mean_activations
 
 __all__ = ["DemoConfig", "default_data_dir", "run_demo"]
 
@@ -117,10 +117,8 @@ def _error_per_layer(
 
     context = steering.apply(model) if steering is not None else nullcontext()
     with context:
-        steered = contrastive_means(
-            model, target=texts, source=texts, layers=means.layers, progress=False
-        )
-    return (means.mu_target - steered.mu_source).norm(dim=-1).tolist()
+        steered = mean_activations(model, texts, layers=means.layers, progress=False)
+    return (means.mu_target - steered).norm(dim=-1).tolist()
 
 
 def run_demo(

@@ -17,7 +17,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from controllens.adapters import inspect_model
 from controllens.steering import Steering
+from controllens.vectors import _encode, _resolve_tokenizer
 
 __all__ = [
     "Continuations",
@@ -104,9 +106,10 @@ def generate(
 ) -> Continuations:
     """Continue each prompt with a TransformerLens model, steered or not.
 
-    Prompts are tokenised by the model's HF tokenizer (no extra BOS) and
-    left-padded; sampling is seeded per batch, so a steered and an unsteered
-    run draw from the same random stream.
+    Prompts are tokenised as :func:`~controllens.vectors.contrastive_means`
+    tokenises texts (the HF tokenizer's own BOS convention) and left-padded;
+    sampling is seeded per batch, so a steered and an unsteered run draw from
+    the same random stream.
 
     Args:
         model: A TransformerBridge (or HookedTransformer).
@@ -119,14 +122,15 @@ def generate(
         top_p: Nucleus sampling mass.
         progress: Show a progress bar.
     """
-    tokenizer = model.tokenizer
+    # the same tokens as the means were measured on (the HF BOS convention)
+    tokenizer, bos = _resolve_tokenizer(inspect_model(model), None, False, None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos_id = tokenizer.eos_token_id
     all_tokens, all_masks, texts = [], [], []
     bar = tqdm(total=len(prompts), desc="generating", disable=not progress)
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
-        ids = tokenizer(chunk, add_special_tokens=False)["input_ids"]
+        ids = _encode(chunk, tokenizer, bos=bos, chat_template=False, max_length=None)
         tokens, mask = _left_pad(ids, pad_id)
         torch.manual_seed(seed + start)
         kwargs = dict(

@@ -38,7 +38,7 @@ from controllens.errors import (
     VectorError,
 )
 
-__all__ = ["AGGREGATIONS", "ContrastiveMeans", "contrastive_means"]
+__all__ = ["AGGREGATIONS", "ContrastiveMeans", "contrastive_means", "mean_activations"]
 
 logger = logging.getLogger(__name__)
 
@@ -601,6 +601,56 @@ def _resolve_tokenizer(
     return tokenizer, bos
 
 
+def _prepare(
+    model: Any,
+    *,
+    tokenizer: Any,
+    layers: int | Sequence[int] | None,
+    hook_point: str,
+    aggregation: str,
+    batch_size: int,
+    padding_side: str,
+    chat_template: bool,
+    prepend_bos: bool | None,
+    max_length: int | None,
+) -> tuple[Any, Callable[..., None], dict[str, Any]]:
+    """Check the options; return the model's info, its reader and _side_means
+    options."""
+    check_hook_point(hook_point)
+    _check_options(aggregation, batch_size, padding_side, max_length)
+    if not isinstance(getattr(model, "parameters", None), Callable):
+        raise ModelError(
+            f"Expected a TransformerBridge, HookedTransformer, nnsight "
+            f"LanguageModel or Hugging Face causal LM, got {type(model).__name__}."
+        )
+    info = inspect_model(model)
+    chosen = resolve_layers(layers, info.n_layers)
+    tokenizer, bos = _resolve_tokenizer(info, tokenizer, chat_template, prepend_bos)
+
+    if info.kind == "transformer_lens":
+        forward = _tl_forward(model, chosen, hook_point, info.n_layers)
+    else:
+        if info.hf_model is None:
+            raise ModelError(
+                f"Found no Hugging Face module inside this {info.kind} model."
+            )
+        forward = _hf_forward(info.hf_model, chosen, hook_point)
+
+    options = dict(
+        tokenizer=tokenizer,
+        layers=chosen,
+        d_model=info.d_model,
+        aggregation=aggregation,
+        batch_size=batch_size,
+        padding_side=padding_side,
+        bos=bos,
+        chat_template=chat_template,
+        max_length=max_length,
+        device=info.device,
+    )
+    return info, forward, options
+
+
 def contrastive_means(
     model: Any,
     data: ContrastiveTexts | None = None,
@@ -677,38 +727,19 @@ def contrastive_means(
         (torch.Size([3, 32]), (0, 1, 2))
     """
     data = _coerce_data(data, target, source)
-    check_hook_point(hook_point)
-    _check_options(aggregation, batch_size, padding_side, max_length)
-    if not isinstance(getattr(model, "parameters", None), Callable):
-        raise ModelError(
-            f"Expected a TransformerBridge, HookedTransformer, nnsight "
-            f"LanguageModel or Hugging Face causal LM, got {type(model).__name__}."
-        )
-    info = inspect_model(model)
-    chosen = resolve_layers(layers, info.n_layers)
-    tokenizer, bos = _resolve_tokenizer(info, tokenizer, chat_template, prepend_bos)
-
-    if info.kind == "transformer_lens":
-        forward = _tl_forward(model, chosen, hook_point, info.n_layers)
-    else:
-        if info.hf_model is None:
-            raise ModelError(
-                f"Found no Hugging Face module inside this {info.kind} model."
-            )
-        forward = _hf_forward(info.hf_model, chosen, hook_point)
-
-    options = dict(
+    info, forward, options = _prepare(
+        model,
         tokenizer=tokenizer,
-        layers=chosen,
-        d_model=info.d_model,
+        layers=layers,
+        hook_point=hook_point,
         aggregation=aggregation,
         batch_size=batch_size,
         padding_side=padding_side,
-        bos=bos,
         chat_template=chat_template,
+        prepend_bos=prepend_bos,
         max_length=max_length,
-        device=info.device,
     )
+    chosen = options["layers"]
     total = data.n_target + data.n_source
     with (
         torch.inference_mode(),
@@ -739,3 +770,70 @@ def contrastive_means(
         n_target=data.n_target,
         n_source=data.n_source,
     )
+
+
+def mean_activations(
+    model: Any,
+    texts: Sequence[str],
+    *,
+    tokenizer: Any = None,
+    layers: int | Sequence[int] | None = None,
+    hook_point: str = "resid_post",
+    aggregation: str = "mean",
+    batch_size: int = 16,
+    padding_side: str = "right",
+    chat_template: bool = False,
+    prepend_bos: bool | None = None,
+    max_length: int | None = None,
+    progress: bool = True,
+) -> Float[Tensor, "layer d_model"]:
+    """Per-layer mean activation of one set of texts, as the model runs now.
+
+    The same measurement as one side of :func:`contrastive_means`. Inside
+    ``steering.apply(model)`` it reads the steered activations, which is how
+    the remaining error e(k) = mu_target(k) - mu_steered(k) is measured.
+
+    Args:
+        model: A TransformerBridge, nnsight LanguageModel or HF causal LM.
+        texts: The texts.
+        tokenizer: Needed only for a plain HF model.
+        layers: Layers to read; None for all.
+        hook_point: ``"resid_post"`` or ``"resid_pre"``.
+        aggregation: ``"mean"`` or ``"last"``.
+        batch_size: Texts per forward pass.
+        padding_side: ``"right"`` or ``"left"``.
+        chat_template: Wrap texts in the tokenizer's chat template.
+        prepend_bos: Override the tokenizer's BOS convention.
+        max_length: Truncate texts to this many tokens.
+        progress: Show a progress bar.
+
+    Returns:
+        One float32 row per layer, in layer order.
+
+    Example:
+        >>> from controllens.testing import tiny_llama, tiny_tokenizer
+        >>> mean_activations(tiny_llama(), ["hello there"], layers=[-1],
+        ...                  tokenizer=tiny_tokenizer(), progress=False).shape
+        torch.Size([1, 32])
+    """
+    if isinstance(texts, str) or not texts:
+        raise DataError(f"Expected a non-empty list of texts, got {texts!r:.60}.")
+    _, forward, options = _prepare(
+        model,
+        tokenizer=tokenizer,
+        layers=layers,
+        hook_point=hook_point,
+        aggregation=aggregation,
+        batch_size=batch_size,
+        padding_side=padding_side,
+        chat_template=chat_template,
+        prepend_bos=prepend_bos,
+        max_length=max_length,
+    )
+    texts = tuple(texts)
+    with (
+        torch.inference_mode(),
+        tqdm(total=len(texts), desc="means", unit="text", disable=not progress) as bar,
+    ):
+        means = _side_means(texts, "text", forward, bar=bar, **options)
+    return means.to(torch.float32).cpu()
