@@ -439,3 +439,22 @@ def test_a_file_with_incomplete_metadata_is_refused(tmp_path):
     )
     with pytest.raises(MetadataMismatchError, match="incomplete or corrupt"):
         ContrastiveMeans.load(path)
+
+
+def test_p_with_unit_strength_closes_the_error_at_the_steered_layer(tiny_bridge):
+    from controllens.steering import Steering
+    from controllens.vectors import mean_activations
+
+    target, source = ["so good and fine", "lovely day"], ["bad one", "awful film"]
+    means = contrastive_means(tiny_bridge, target=target, source=source, progress=False)
+    steering = Steering.from_means(means, layers=[1], alpha=1.0)
+    with steering.apply(tiny_bridge):
+        steered = mean_activations(tiny_bridge, source, layers=[1], progress=False)
+    torch.testing.assert_close(steered[0], means.mu_target[1], atol=1e-5, rtol=1e-5)
+
+
+def test_mean_activations_refuses_an_empty_list(tiny_bridge):
+    from controllens.vectors import mean_activations
+
+    with pytest.raises(DataError, match="non-empty list"):
+        mean_activations(tiny_bridge, [], progress=False)

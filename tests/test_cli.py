@@ -1,0 +1,95 @@
+import json
+
+import pytest
+
+from controllens.cli import _layers, main
+from controllens.testing import tiny_llama, tiny_tokenizer
+from tests.conftest import data_path
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("3", (3,)), ("1,4,-1", (1, 4, -1)), ("2-5", (2, 3, 4, 5)), ("0-1,7", (0, 1, 7))],
+)
+def test_layer_lists_parse_ranges_and_negatives(text, expected):
+    assert _layers(text) == expected
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    folder = tmp_path / "tiny"
+    tiny_llama().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_steer_runs_on_a_local_model_with_text_files(tiny_folder, tmp_path, capsys):
+    target, source = tmp_path / "target.txt", tmp_path / "source.txt"
+    target.write_text("so good\nlovely day\n")
+    source.write_text("bad one\nawful film\n")
+    saved = tmp_path / "means.safetensors"
+    code = main(
+        [
+            "steer",
+            "--model",
+            str(tiny_folder),
+            "--target",
+            str(target),
+            "--source",
+            str(source),
+            "--kp",
+            "1",
+            "--ki",
+            "0.1",
+            "--kd",
+            "0.1",
+            "--alpha",
+            "2",
+            "--prompt",
+            "ab",
+            "--max-new-tokens",
+            "3",
+            "--save",
+            str(saved),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "PID steering" in out and "steered:" in out
+    assert saved.is_file()
+
+
+def test_steer_without_data_says_what_to_give(tiny_folder, capsys):
+    assert main(["steer", "--model", str(tiny_folder)]) == 2
+    assert "--tsv" in capsys.readouterr().err
+
+
+def test_a_missing_model_folder_is_a_clear_error_not_a_traceback(tmp_path, capsys):
+    assert main(["steer", "--model", str(tmp_path / "nowhere")]) == 2
+    assert "never downloads" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_demo_runs_end_to_end_and_writes_json_and_plot(tmp_path, capsys):
+    data_path("sst2", "dev.tsv")
+    code = main(
+        [
+            "demo",
+            "--n-train",
+            "8",
+            "--n-val",
+            "4",
+            "--n-test",
+            "4",
+            "--max-new-tokens",
+            "4",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["test"]) == {"unsteered", "P", "PID"}
+    assert 0 <= results["test"]["P"]["positive_rate"] <= 1
+    assert (tmp_path / "layers.png").stat().st_size > 0
+    assert "held-out negative SST-2 dev prompts" in capsys.readouterr().out
