@@ -29,6 +29,7 @@ Merging a chosen group of experts into one (:func:`merge_group`) instead edits
 the expert weights in place for the duration of the model's own forward pass.
 """
 
+import contextlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -203,24 +204,36 @@ def _merged_output(
     return torch.einsum("te,ted->td", s, torch.einsum("tm,edm->ted", h, down))
 
 
-def _fisher_output(
-    m: MoELayer, x: Tensor, s: Tensor, fishers: list[Tensor], act
-) -> Tensor:
-    """Per-token Fisher merge, materialised in chunks of tokens."""
-    weights = [w.double() for w in m.projections()]
-    chunk = max(1, _FISHER_BUDGET // (m.d_mlp * m.d_model * m.n_experts))
+def _fisher_terms(
+    m: MoELayer, fishers: list[Tensor]
+) -> list[tuple[Tensor, Tensor, tuple[int, int]]]:
+    """Per projection: ``F * W`` and ``F`` as ``[expert, out * in]`` (float32)."""
+    terms = []
+    for f, w in zip(fishers, m.projections(), strict=True):
+        shape = (w.shape[1], w.shape[2])
+        f = f.float()
+        terms.append(((f * w.float()).flatten(1), f.flatten(1), shape))
+    return terms
+
+
+def _fisher_output(m: MoELayer, x: Tensor, s: Tensor, terms: list, act) -> Tensor:
+    """Per-token Fisher merge, materialised in chunks of tokens.
+
+    float32: the merged matrices are the memory-bound part of the probe.
+    """
+    x, s = x.float(), s.float()
+    chunk = max(1, _FISHER_BUDGET // (m.d_mlp * m.d_model))
     out = []
     for start in range(0, len(x), chunk):
         xs, ss = x[start : start + chunk], s[start : start + chunk]
         merged = [
-            torch.einsum("te,eoi->toi", ss, f * w) / torch.einsum("te,eoi->toi", ss, f)
-            for f, w in zip(fishers, weights, strict=True)
+            ((ss @ fw) / (ss @ f)).reshape(len(ss), *shape) for fw, f, shape in terms
         ]
         h = act(torch.einsum("tmd,td->tm", merged[0], xs)) * torch.einsum(
             "tmd,td->tm", merged[1], xs
         )
         out.append(torch.einsum("tdm,tm->td", merged[2], h))
-    return torch.cat(out)
+    return torch.cat(out).double()
 
 
 def _probe_hook(
@@ -236,7 +249,8 @@ def _probe_hook(
     static = {}
     for m in layers:
         if method in ("fisher", "kfac"):
-            static[m.layer] = _curvature(m, method, curvature, damping)
+            curv = _curvature(m, method, curvature, damping)
+            static[m.layer] = _fisher_terms(m, curv)
         else:
             static[m.layer] = _effective(m, method, curvature, ties_density, damping)
 
@@ -403,24 +417,13 @@ def _measure_edits(
     batches = calibration_batches(data, tokenizer, batch_size=batch_size)
     for tokens, mask in batches:
         reference = runner.logits(tokens, mask).detach()
-        with _replaced_all(edits):
+        with contextlib.ExitStack() as stack:
+            for m, weights in edits.items():
+                stack.enter_context(m.replaced(*weights))
             logits = runner.logits(tokens, mask).detach()
         tokens, mask = tokens.to(reference.device), mask.to(reference.device)
         tally.add(next_token_terms(reference, logits, tokens, mask))
     return tally.cost()
-
-
-class _replaced_all:
-    def __init__(self, edits: Mapping[MoELayer, Weights]) -> None:
-        self.contexts = [m.replaced(*w) for m, w in edits.items()]
-
-    def __enter__(self) -> None:
-        for context in self.contexts:
-            context.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        for context in reversed(self.contexts):
-            context.__exit__(*exc)
 
 
 def _edited(
