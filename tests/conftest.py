@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random models (fast) and the embedded SmolLM2 (slow)."""
 
+import os
 import warnings
 from pathlib import Path
 
@@ -8,7 +9,11 @@ import torch
 
 from controllens import testing
 
-DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# ../shared/data beside the checkout, or wherever CONTROLLENS_DATA points
+DATA_DIR = Path(
+    os.environ.get("CONTROLLENS_DATA")
+    or Path(__file__).resolve().parents[1].parent / "shared" / "data"
+)
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -17,7 +22,7 @@ def data_path(*parts: str) -> Path:
     """A file of the shared data folder, skipping the test when it is absent."""
     path = DATA_DIR.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"shared data not found at {path} (expected ../shared/data)")
+        pytest.skip(f"shared data not found at {path} (expected ../shared/data or $CONTROLLENS_DATA)")
     return path
 
 

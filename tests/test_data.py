@@ -12,15 +12,7 @@ from controllens.data import (
 )
 from controllens.errors import DataError
 from controllens.testing import tiny_tokenizer
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def shared(*parts: str) -> Path:
-    path = DATA.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"shared data not found at {path} (expected ../shared/data)")
-    return path
+from tests.conftest import data_path as shared
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:

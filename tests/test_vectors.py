@@ -1,5 +1,3 @@
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors import safe_open
@@ -16,8 +14,7 @@ from controllens.errors import (
 )
 from controllens.testing import tiny_llama, tiny_tokenizer
 from controllens.vectors import ContrastiveMeans, contrastive_means
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from tests.conftest import data_path
 
 TARGET = ("a joy to watch", "good", "the best film of the year, truly", "fun!")
 SOURCE = ("a chore", "dull and long-winded, a real mess", "bad bad", "meh.")
@@ -411,9 +408,7 @@ def smol_hf_eager():
 def test_bridge_and_hf_means_agree_on_smollm2(
     smol_bridge, smol_hf, smol_hf_eager, aggregation
 ):
-    path = DATA / "sst2" / "train_sample.tsv"
-    if not path.exists():
-        pytest.skip(f"shared data not found at {path} (expected ../shared/data)")
+    path = data_path("sst2", "train_sample.tsv")
     data = load_labelled_tsv(path, limit=4)
     kwargs = dict(aggregation=aggregation, batch_size=4, progress=False)
     from_bridge = contrastive_means(smol_bridge, data, **kwargs)

@@ -1,9 +1,8 @@
 """Tests of controllens.camex.train."""
 
-from pathlib import Path
-
 import pytest
 import torch
+from tests.conftest import DATA_DIR
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from controllens.camex.layers import MoEConfig
@@ -16,14 +15,7 @@ from controllens.camex.train import (
 from controllens.camex.upcycle import UpcycleConfig, upcycle
 from controllens.errors import DataError, MetadataMismatchError
 
-SHAKESPEARE = (
-    Path(__file__).resolve().parents[2]
-    / ".."
-    / "shared"
-    / "data"
-    / "tinyshakespeare"
-    / "input.txt"
-)
+SHAKESPEARE = DATA_DIR / "tinyshakespeare" / "input.txt"
 
 
 class Bytes:
