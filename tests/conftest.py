@@ -22,7 +22,10 @@ def data_path(*parts: str) -> Path:
     """A file of the shared data folder, skipping the test when it is absent."""
     path = DATA_DIR.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"shared data not found at {path} (expected ../shared/data or $CONTROLLENS_DATA)")
+        pytest.skip(
+            f"shared data not found at {path} "
+            "(expected ../shared/data or $CONTROLLENS_DATA)"
+        )
     return path
 
 
