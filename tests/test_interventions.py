@@ -92,3 +92,26 @@ def test_every_generation_step_is_steered_in_nnsight(tiny_nnsight):
 def test_steer_refuses_a_transformer_lens_model(tiny_bridge):
     with pytest.raises(ModelError, match="steering.hooks"):
         _steering().intervene(tiny_bridge)
+
+
+@pytest.mark.parametrize("positions", ["prompt", "generated", 2])
+def test_an_unpadded_prompt_gets_the_same_positions_as_transformer_lens(
+    tiny_bridge, tiny_nnsight, positions
+):
+    # without padding nnsight passes no attention mask: columns are counted
+    tokens = torch.tensor([[1, 20, 30, 40, 50]])
+    steering = _steering(alpha=5.0, positions=positions)
+    with steering.apply(tiny_bridge):
+        expected = tiny_bridge.generate(
+            tokens,
+            max_new_tokens=4,
+            do_sample=False,
+            verbose=False,
+            stop_at_eos=False,
+        )
+    with tiny_nnsight.generate(max_new_tokens=4, do_sample=False) as tracer:
+        with tracer.invoke(tokens):
+            steering.intervene(tiny_nnsight, tracer)
+        with tracer.invoke():
+            got = tracer.result.save()
+    assert got.tolist() == expected.tolist()

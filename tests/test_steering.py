@@ -94,3 +94,30 @@ def test_position_mask_from_an_index_counts_from_the_first_real_token():
         1, columns=torch.arange(3), first_real=torch.tensor([0, 2]), prompt_len=3
     )
     assert mask[..., 0].tolist() == [[False, True, True], [False, False, False]]
+
+
+def test_an_empty_steering_is_refused_when_built():
+    with pytest.raises(LayerError, match="at least one"):
+        Steering(errors=torch.randn(0, 4), layers=())
+
+
+def test_numpy_numbers_work_as_strength_and_gains():
+    import numpy as np
+
+    steering = Steering(
+        errors=torch.randn(1, 4),
+        layers=(2,),
+        alpha=np.float64(0.5),
+        gains=Gains(kp=np.float64(1.0), integral_bound=np.float64(2.0)),
+    )
+    assert steering.layers == (2,) and steering.alpha == 0.5
+    assert isinstance(steering.gains.integral_bound, float)
+
+
+def test_a_single_int_layer_is_accepted():
+    assert Steering(errors=torch.randn(1, 4), layers=3).layers == (3,)
+
+
+def test_a_float_layer_is_a_type_error_that_names_the_type():
+    with pytest.raises(TypeError, match="float"):
+        Steering(errors=torch.randn(1, 4), layers=(1.0,))

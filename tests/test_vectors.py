@@ -432,7 +432,7 @@ def test_a_file_with_incomplete_metadata_is_refused(tmp_path):
     save_file(
         tensors, str(path), metadata={"format": "controllens.contrastive_means/1"}
     )
-    with pytest.raises(MetadataMismatchError, match="incomplete or corrupt"):
+    with pytest.raises(MetadataMismatchError, match="not a valid file"):
         ContrastiveMeans.load(path)
 
 
@@ -453,3 +453,25 @@ def test_mean_activations_refuses_an_empty_list(tiny_bridge):
 
     with pytest.raises(DataError, match="non-empty list"):
         mean_activations(tiny_bridge, [], progress=False)
+
+
+@pytest.mark.parametrize("content", ["garbage", "", "pickle"], ids=str)
+def test_a_file_that_is_not_saved_means_is_refused_and_never_executed(
+    tmp_path, content
+):
+    import pickle
+
+    marker = tmp_path / "executed"
+    path = tmp_path / "means.safetensors"
+    if content == "pickle":
+
+        class Payload:
+            def __reduce__(self):
+                return (marker.write_text, ("pwned",))
+
+        path.write_bytes(pickle.dumps(Payload()))
+    else:
+        path.write_text(content)
+    with pytest.raises(MetadataMismatchError, match="ContrastiveMeans.save"):
+        ContrastiveMeans.load(path)
+    assert not marker.exists()

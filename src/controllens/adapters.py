@@ -6,6 +6,7 @@ protocol ``fn(activation, hook) -> activation``), an nnsight ``LanguageModel``,
 and a plain Hugging Face causal LM.
 """
 
+import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,13 @@ def inspect_model(model: Any) -> ModelInfo:
     Returns:
         Its :class:`ModelInfo`.
     """
+    if not callable(getattr(model, "parameters", None)):
+        raise ModelError(
+            f"Expected a TransformerBridge, HookedTransformer, nnsight "
+            f"LanguageModel or Hugging Face causal LM, got {type(model).__name__} "
+            f"({model!r:.60}). Load one with controllens.load_bridge(), "
+            "load_nnsight() or load_hf()."
+        )
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None else torch.float32
@@ -154,7 +162,7 @@ def resolve_layers(
     Returns:
         The indices in layer order (the order the forward pass visits them).
 
-    Example:
+    Examples:
         >>> resolve_layers([5, -1, 2], n_layers=8)
         (2, 5, 7)
     """
@@ -164,8 +172,12 @@ def resolve_layers(
         layers = [layers]
     resolved = set()
     for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise TypeError(f"Layer indices must be integers, got {layer!r}.")
+        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+            raise TypeError(
+                f"Layer indices must be integers, got {layer!r} "
+                f"({type(layer).__name__})."
+            )
+        layer = int(layer)
         if not -n_layers <= layer < n_layers:
             raise LayerError(
                 f"Layer {layer} is outside the model, which has {n_layers} layers: "
@@ -189,7 +201,7 @@ def check_hook_point(hook_point: str) -> None:
 def tl_hook_name(hook_point: str, layer: int) -> str:
     """TransformerLens hook name of a hook point at a layer.
 
-    Example:
+    Examples:
         >>> tl_hook_name("resid_post", 3)
         'blocks.3.hook_resid_post'
     """

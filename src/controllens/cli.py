@@ -11,14 +11,36 @@ __all__ = ["main"]
 def _layers(text: str) -> tuple[int, ...]:
     """Parse ``"3,5,-1"`` or ``"2-20"`` into layer indices."""
     layers: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if "-" in part[1:]:
-            first, last = part[0] + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1]
-            layers += range(int(first), int(last) + 1)
-        else:
-            layers.append(int(part))
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part[1:]:
+                cut = part.index("-", 1)
+                first, last = int(part[:cut]), int(part[cut + 1 :])
+                if last < first:
+                    raise argparse.ArgumentTypeError(
+                        f"layer range {part!r} runs backwards; write it low-high"
+                    )
+                layers += range(first, last + 1)
+            else:
+                layers.append(int(part))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected layer indices like 0-29 or 4,8,-1, got {text!r}"
+        ) from None
     return tuple(layers)
+
+
+def _positions(text: str) -> str | int:
+    """Parse ``--positions``: a name or a start position."""
+    if text in ("all", "prompt", "generated"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected all, prompt, generated or an integer, got {text!r}"
+        ) from None
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -86,8 +108,8 @@ def _steer(args: argparse.Namespace) -> int:
     from controllens.vectors import ContrastiveMeans, contrastive_means
 
     model = load_bridge(args.model)
-    if args.load:
-        means = ContrastiveMeans.load(args.load, model=model)
+    if args.load_path:
+        means = ContrastiveMeans.load(args.load_path, model=model)
     else:
         if args.tsv:
             data = load_labelled_tsv(args.tsv, limit=args.limit)
@@ -108,19 +130,17 @@ def _steer(args: argparse.Namespace) -> int:
             )
             return 2
         means = contrastive_means(model, data, aggregation=args.aggregation)
-    if args.save:
-        print(f"saved means to {means.save(args.save)}")
+    if args.save_path:
+        print(f"saved means to {means.save(args.save_path)}")
 
     steering = Steering.from_means(
         means,
-        layers=_layers(args.layers) if args.layers else None,
+        layers=args.layers,
         gains=Gains(
             kp=args.kp, ki=args.ki, kd=args.kd, integral_bound=args.integral_bound
         ),
         alpha=args.alpha,
-        positions=args.positions
-        if args.positions in ("all", "prompt", "generated")
-        else int(args.positions),
+        positions=args.positions,
     )
     prompts = args.prompt or ["I think this movie is"]
     kwargs = dict(max_new_tokens=args.max_new_tokens, seed=args.seed, progress=False)
@@ -164,17 +184,28 @@ def build_parser() -> argparse.ArgumentParser:
     steer.add_argument("--target", help="file of target texts, one per line")
     steer.add_argument("--source", help="file of source texts, one per line")
     steer.add_argument("--limit", type=int, help="texts per side from --tsv")
-    steer.add_argument("--load", help="saved means (.safetensors) instead of data")
-    steer.add_argument("--save", help="save the measured means here")
+    # dest names avoid "save": nnsight gives every object a .save() once it
+    # has traced, and argparse then skips the default of an attribute it sees
+    steer.add_argument(
+        "--load", dest="load_path", help="saved means (.safetensors) instead of data"
+    )
+    steer.add_argument("--save", dest="save_path", help="save the measured means here")
     steer.add_argument("--aggregation", choices=("mean", "last"), default="mean")
-    steer.add_argument("--layers", help='e.g. "0-29" or "4,8,12" (default: all)')
+    steer.add_argument(
+        "--layers",
+        type=_layers,
+        help='e.g. "0-29" or "4,8,12"; negative with "=": --layers=-1 (default: all)',
+    )
     steer.add_argument("--kp", type=float, default=1.0)
     steer.add_argument("--ki", type=float, default=0.0)
     steer.add_argument("--kd", type=float, default=0.0)
     steer.add_argument("--integral-bound", type=float)
     steer.add_argument("--alpha", type=float, default=0.2)
     steer.add_argument(
-        "--positions", default="all", help="all, prompt, generated, or a start position"
+        "--positions",
+        type=_positions,
+        default="all",
+        help="all, prompt, generated, or a start position",
     )
     steer.add_argument("--prompt", action="append", help="prompt (repeatable)")
     steer.add_argument("--max-new-tokens", type=int, default=24)
@@ -185,8 +216,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``controllens`` command."""
-    from controllens.errors import ControllensError
-
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
@@ -194,7 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.run(args)
-    except ControllensError as error:
+    except (ValueError, TypeError, OSError) as error:
+        # bad input: one line saying what is wrong, not a traceback
+        if args.verbose:
+            raise
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -14,6 +14,7 @@ telescopes to Kd (r(K) - r(k0)).
 """
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +38,7 @@ class Gains:
             ``ki * sum r(j)`` may reach. The accumulator itself is clipped, so
             it stops growing instead of having to unwind later. None: no bound.
 
-    Example:
+    Examples:
         >>> Gains.pid(kp=0.9, ki=0.01, kd=0.01).name
         'PID'
         >>> Gains.p(2.0)
@@ -52,7 +53,7 @@ class Gains:
     def __post_init__(self) -> None:
         for field in ("kp", "ki", "kd"):
             value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"Gain {field} must be a number, got {value!r}.")
             if not math.isfinite(value) or value < 0:
                 raise ValueError(
@@ -62,10 +63,16 @@ class Gains:
                 )
             object.__setattr__(self, field, float(value))
         bound = self.integral_bound
+        if bound is not None and (
+            isinstance(bound, bool) or not isinstance(bound, numbers.Real)
+        ):
+            raise TypeError(f"integral_bound must be a number or None, got {bound!r}.")
         if bound is not None and (not math.isfinite(bound) or bound <= 0):
             raise ValueError(
                 f"integral_bound must be a positive finite norm or None, got {bound}."
             )
+        if bound is not None:
+            object.__setattr__(self, "integral_bound", float(bound))
 
     @classmethod
     def p(cls, kp: float = 1.0) -> "Gains":
@@ -78,9 +85,9 @@ class Gains:
         return cls(kp=kp, ki=ki, **kwargs)
 
     @classmethod
-    def pd(cls, kp: float = 1.0, kd: float = 0.1) -> "Gains":
+    def pd(cls, kp: float = 1.0, kd: float = 0.1, **kwargs: float) -> "Gains":
         """A proportional-derivative controller."""
-        return cls(kp=kp, kd=kd)
+        return cls(kp=kp, kd=kd, **kwargs)
 
     @classmethod
     def pid(
@@ -107,7 +114,7 @@ class LayerController:
     error may carry leading batch axes (one error per token, for closed-loop
     control); the state keeps them.
 
-    Example:
+    Examples:
         >>> controller = LayerController(Gains.pid(kp=1.0, ki=0.5, kd=0.25))
         >>> [controller.step(torch.tensor([r])).item() for r in (2.0, 4.0, 4.0)]
         [2.0, 5.5, 7.0]
@@ -153,7 +160,7 @@ def control_signal(
         u(k) for each steered layer. With ``Gains.p(1.0)`` this equals
         ``errors``.
 
-    Example:
+    Examples:
         >>> r = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
         >>> control_signal(r, Gains.pi(kp=1.0, ki=1.0))
         tensor([[1., 0.],

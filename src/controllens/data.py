@@ -61,7 +61,7 @@ class ContrastiveTexts:
         target: Texts showing the behaviour to steer towards.
         source: Texts showing the behaviour to steer away from.
 
-    Example:
+    Examples:
         >>> data = ContrastiveTexts(target=("I loved it",), source=("I hated it",))
         >>> data.n_target, data.n_source
         (1, 1)
@@ -98,7 +98,7 @@ def from_texts(target: Sequence[str], source: Sequence[str]) -> ContrastiveTexts
     Raises:
         DataError: If either side is empty or holds a blank text.
 
-    Example:
+    Examples:
         >>> data = from_texts(["a joy to watch"], ["a chore to sit through"])
         >>> data.target
         ('a joy to watch',)
@@ -171,7 +171,7 @@ def load_labelled_tsv(
     Raises:
         DataError: If the file or a column is missing, or a side is empty.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> with tempfile.TemporaryDirectory() as tmp:
         ...     path = Path(tmp) / "toy.tsv"
@@ -254,7 +254,7 @@ def load_caa(
         DataError: If the file is missing, is not a JSON list of such items, or
             is empty.
 
-    Example:
+    Examples:
         >>> import json, tempfile
         >>> item = {"question": "Pick one.\\n(A) yes\\n(B) no",
         ...         "answer_matching_behavior": "(A)",
@@ -318,7 +318,7 @@ def sst2_prompts(path: PathLike, n: int, n_words: int) -> tuple[str, ...]:
         DataError: If the file has fewer than ``n`` long-enough negative
             sentences.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> with tempfile.TemporaryDirectory() as tmp:
         ...     path = Path(tmp) / "dev.tsv"

@@ -18,7 +18,18 @@ __all__ = [
 
 
 class ControllensError(Exception):
-    """Base class of every error controllens raises on bad input."""
+    """Base class of every error controllens raises on bad input.
+
+    Its message ends with the documentation page of the error's class, which
+    explains the usual causes and fixes.
+
+    Examples:
+        >>> str(LayerError("Layer 9 is outside the model."))
+        'Layer 9 is outside the model. (docs/errors/LayerError.md)'
+    """
+
+    def __str__(self) -> str:
+        return f"{super().__str__()} (docs/errors/{type(self).__name__}.md)"
 
 
 class ModelError(ControllensError, ValueError):

@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 class VaderScorer:
     """Sentiment by the VADER lexicon: positive when the compound score is > 0.
 
-    Example:
+    Examples:
         >>> VaderScorer().positive(["What a wonderful, moving film.", "Awful."])
         [True, False]
     """

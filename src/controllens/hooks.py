@@ -14,7 +14,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from controllens.adapters import tl_hook_name
+from controllens.adapters import inspect_model, tl_hook_name
+from controllens.errors import ModelError
 from controllens.steering import Steering, add_masked, position_mask
 
 __all__ = ["steering_hooks"]
@@ -26,9 +27,11 @@ class _SequenceTracker:
     """Where the tokens of each forward call sit in the sequence.
 
     A TransformerLens hook sees only the activation. A call of several tokens
-    starts a sequence (a prompt, or a full pass without a KV cache); a call of
-    one token after it continues that sequence from the KV cache. Each layer
-    keeps its own count, since every layer sees every call.
+    starts a new sequence (its tokens are the prompt); a call of one token
+    after it continues that sequence from the KV cache, as generation does.
+    Each layer keeps its own count, since every layer sees every call.
+    Generation without a KV cache (``use_past_kv_cache=False``) looks like a
+    series of new prompts, so "generated" never applies there.
     """
 
     def __init__(self, attention_mask: Int[Tensor, "batch pos"] | None) -> None:
@@ -42,20 +45,18 @@ class _SequenceTracker:
         self, layer: int, batch: int, seq_len: int, device: torch.device
     ) -> tuple[Tensor, Tensor, int]:
         seen = self._seen.get(layer, 0)
-        prompt_len = self._prompt_len.get(layer)
-        if prompt_len is None or not (seq_len == 1 or seq_len == seen + 1):
-            # a new sequence: this call is its prompt
-            start, prompt_len = 0, seq_len
+        if seq_len > 1 or layer not in self._prompt_len:
+            start = 0
             self._prompt_len[layer] = seq_len
         else:
-            start = seen if seq_len == 1 else 0
+            start = seen
         self._seen[layer] = start + seq_len
 
         columns = torch.arange(start, start + seq_len, device=device)
         first_real = self._first_real
         if first_real is None or first_real.shape[0] != batch:
             first_real = torch.zeros(batch, dtype=torch.long)
-        return columns, first_real.to(device), prompt_len
+        return columns, first_real.to(device), self._prompt_len[layer]
 
 
 def _edit_for(
@@ -95,10 +96,12 @@ def steering_hooks(
     Returns:
         One pair per steered layer, in layer order. Pass them to
         ``model.run_with_hooks(..., fwd_hooks=...)`` or ``model.hooks(...)``.
-        The hooks of one call share a record of the sequence seen so far (for
-        ``positions`` other than ``"all"``); make new hooks for a new prompt.
+        For ``positions`` other than ``"all"`` the hooks of one call share a
+        record of the sequence: a forward of several tokens starts a new
+        prompt, a one-token forward after it is a generated token read from
+        the KV cache.
 
-    Example:
+    Examples:
         >>> from controllens.testing import tiny_bridge
         >>> model = tiny_bridge()
         >>> r = torch.randn(2, model.cfg.d_model)
@@ -107,6 +110,13 @@ def steering_hooks(
         ['blocks.0.hook_resid_post', 'blocks.2.hook_resid_post']
         >>> logits = model.run_with_hooks(torch.tensor([[1, 5, 9]]), fwd_hooks=hooks)
     """
+    if inspect_model(model).kind != "transformer_lens":
+        raise ModelError(
+            f"Steering.hooks needs a TransformerLens model (TransformerBridge or "
+            f"HookedTransformer), got {type(model).__name__}. For nnsight use "
+            "steering.intervene(model, tracer); wrap a Hugging Face model with "
+            "controllens.load_bridge(model, tokenizer=...)."
+        )
     steering.check_model(model)
     if steering.is_identity:
         return []

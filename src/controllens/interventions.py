@@ -55,7 +55,13 @@ def steer(steering: Steering, model: Any, tracer: Any | None = None) -> None:
     through ``tracer.result``): nnsight skips the code after a step loop when
     generation stops early at an end-of-sequence token.
 
-    Example:
+    nnsight visits modules in forward order within one invoke, and so does
+    this function: read layers shallower than the first steered layer before
+    calling it, and deeper ones (or the logits) after it. Several steerings in
+    one invoke work when their layers do not interleave; otherwise combine
+    them into one :class:`Steering`.
+
+    Examples:
         >>> from controllens.testing import tiny_nnsight
         >>> model = tiny_nnsight()
         >>> steering = Steering(errors=torch.randn(1, 32), layers=(1,), alpha=4.0)
@@ -79,13 +85,41 @@ def steer(steering: Steering, model: Any, tracer: Any | None = None) -> None:
     base = _envoy(model, info.layers_path.rpartition(".")[0])
     edits = list(zip(steering.layers, steering.control(), strict=True))
     steps = _generation_steps(model, tracer)
+    sequence = _Sequence()
     if steps is None:
-        _steer_pass(steering, base, layers, edits, prompt_len=None)
+        _steer_pass(steering, base, layers, edits, sequence)
         return
-
-    prompt_len = None
     for _ in tracer.iter[0:steps]:
-        prompt_len = _steer_pass(steering, base, layers, edits, prompt_len)
+        _steer_pass(steering, base, layers, edits, sequence)
+
+
+class _Sequence:
+    """Columns seen so far in one trace or generate call, and the prompt width."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+        self.prompt_len: int | None = None
+
+    def advance(self, inputs: dict[str, Any]) -> tuple[Tensor, Tensor, int]:
+        """Columns of this pass's tokens, each row's first real column and the
+        prompt width."""
+        mask = inputs.get("attention_mask")
+        ids = inputs.get("input_ids")
+        if ids is None:
+            ids = inputs["inputs_embeds"]
+        batch, seq_len = ids.shape[:2]
+        # the mask spans the cached tokens too; without one (an unpadded
+        # prompt) the columns are counted here
+        total = mask.shape[1] if mask is not None else self.seen + seq_len
+        self.seen = total
+        if self.prompt_len is None:
+            self.prompt_len = total
+        if mask is None:
+            first_real = torch.zeros(batch, dtype=torch.long)
+        else:
+            first_real = mask.to(torch.long).argmax(dim=1)
+        columns = torch.arange(total - seq_len, total)
+        return columns, first_real, self.prompt_len
 
 
 def _steer_pass(
@@ -93,21 +127,14 @@ def _steer_pass(
     base: Any,
     layers: Any,
     edits: list[tuple[int, Tensor]],
-    prompt_len: int | None,
-) -> int | None:
-    """Edit every steered layer in one forward pass; returns the prompt width."""
-    columns = first_real = None
+    sequence: _Sequence,
+) -> None:
+    """Edit every steered layer in one forward pass."""
+    located = None
     if steering.positions != "all":
         # nnsight requires reading modules in the order the forward visits
         # them: the base model's inputs come before its layers
-        mask = base.inputs[1].get("attention_mask")
-        ids = base.inputs[1].get("input_ids")
-        total = mask.shape[1] if mask is not None else ids.shape[1]
-        prompt_len = total if prompt_len is None else prompt_len
-        if mask is None:
-            first_real = torch.zeros(ids.shape[0], dtype=torch.long)
-        else:
-            first_real = mask.to(torch.long).argmax(dim=1)
+        located = sequence.advance(base.inputs[1])
 
     for layer, control in edits:
         envoy = layers[layer]
@@ -119,12 +146,11 @@ def _steer_pass(
 
         edit = control.to(dtype=hidden.dtype, device=hidden.device)
         position = None
-        if columns is not None or first_real is not None:
-            seq_len = hidden.shape[1]
-            columns = torch.arange(total - seq_len, total, device=hidden.device)
+        if located is not None:
+            columns, first_real, prompt_len = located
             position = position_mask(
                 steering.positions,
-                columns=columns,
+                columns=columns.to(hidden.device),
                 first_real=first_real.to(hidden.device),
                 prompt_len=prompt_len,
             )
@@ -136,4 +162,3 @@ def _steer_pass(
             envoy.output = (steered, *output[1:])
         else:
             envoy.output = steered
-    return prompt_len

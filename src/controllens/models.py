@@ -55,7 +55,7 @@ def cache_dir() -> Path:
         ``$CONTROLLENS_CACHE`` if set, else ``$XDG_CACHE_HOME/controllens``,
         else ``~/.cache/controllens``.
 
-    Example:
+    Examples:
         >>> cache_dir().name in {"controllens", os.environ.get(
         ...     "CONTROLLENS_CACHE", "controllens").rstrip("/").split("/")[-1]}
         True

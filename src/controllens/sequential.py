@@ -110,7 +110,7 @@ def sequential_steering(
     Returns:
         A :class:`Steering` whose errors are the sequential r(k).
 
-    Example:
+    Examples:
         >>> from controllens.testing import tiny_llama, tiny_tokenizer
         >>> steering = sequential_steering(
         ...     tiny_llama(), target=["so good", "lovely"], source=["bad", "awful"],

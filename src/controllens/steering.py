@@ -9,6 +9,7 @@ same way.
 """
 
 import math
+import numbers
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -67,7 +68,7 @@ class Steering:
         n_layers: Number of layers of that model, used to resolve negative
             layer indices. None: every index must be non-negative.
 
-    Example:
+    Examples:
         >>> r = torch.randn(3, 16)
         >>> steering = Steering(errors=r, layers=(2, 0, 1), gains=Gains.p(1.0))
         >>> steering.layers
@@ -76,8 +77,8 @@ class Steering:
         True
     """
 
-    errors: Float[Tensor, "layer d_model"]
-    layers: tuple[int, ...]
+    errors: Float[Tensor, "layer d_model"] = field(repr=False)
+    layers: tuple[int, ...] | int
     gains: Gains = field(default_factory=Gains)
     alpha: float = 1.0
     positions: Positions = "all"
@@ -94,7 +95,19 @@ class Steering:
             )
         if not errors.is_floating_point():
             raise VectorError(f"Expected a floating-point tensor, got {errors.dtype}.")
-        layers = tuple(self.layers)
+        layers = self.layers
+        if isinstance(layers, numbers.Integral):
+            layers = (layers,)
+        layers = tuple(layers)
+        for layer in layers:
+            if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+                raise TypeError(
+                    f"Layer indices must be integers, got {layer!r} "
+                    f"({type(layer).__name__})."
+                )
+        layers = tuple(int(layer) for layer in layers)
+        if not layers:
+            raise LayerError("Expected at least one steered layer, got none.")
         if len(layers) != errors.shape[0]:
             raise VectorError(
                 f"Expected one row of errors per layer: {len(layers)} layers, "
@@ -111,7 +124,7 @@ class Steering:
                 "re-estimate them (check the data and the model's dtype)."
             )
         if self.n_layers is None:
-            if any(not isinstance(k, int) or k < 0 for k in layers):
+            if any(k < 0 for k in layers):
                 raise LayerError(
                     f"Negative layer indices need n_layers to resolve them, got "
                     f"{layers}; pass n_layers=model's layer count."
@@ -124,8 +137,16 @@ class Steering:
             raise LayerError(f"Each layer may appear once, got {layers}.")
         if not isinstance(self.gains, Gains):
             raise TypeError(f"Expected gains as a Gains, got {type(self.gains)}.")
-        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+        alpha = self.alpha
+        if isinstance(alpha, Tensor) and alpha.numel() == 1:
+            alpha = alpha.item()
+        if (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, numbers.Real)
+            or not math.isfinite(alpha)
+        ):
             raise ValueError(f"alpha must be a finite number, got {self.alpha!r}.")
+        object.__setattr__(self, "alpha", float(alpha))
         _check_positions(self.positions)
         check_hook_point(self.hook_point)
 
@@ -196,9 +217,10 @@ class Steering:
                 "Re-estimate them on this model."
             )
         if self.n_layers is not None and self.n_layers != info.n_layers:
+            made_for = f" ({self.model_name})" if self.model_name else ""
             raise MetadataMismatchError(
-                f"The steering was made for a model with {self.n_layers} layers "
-                f"({self.model_name}); this model has {info.n_layers}."
+                f"The steering was made for a model with {self.n_layers} "
+                f"layers{made_for}; this model has {info.n_layers}."
             )
         if self.layers[-1] >= info.n_layers:
             raise LayerError(
@@ -227,7 +249,7 @@ class Steering:
 
         The hooks are removed on exit, also when the block raises.
 
-        Example:
+        Examples:
             >>> from controllens.testing import tiny_bridge
             >>> model = tiny_bridge()
             >>> steering = Steering(errors=torch.randn(1, model.cfg.d_model),
@@ -267,7 +289,7 @@ def position_mask(
         first_real: Column of the first real (non-padding) token of each row.
         prompt_len: Padded width of the prompt: later columns were generated.
 
-    Example:
+    Examples:
         >>> position_mask(2, columns=torch.arange(4),
         ...               first_real=torch.tensor([0, 1]), prompt_len=4)[..., 0]
         tensor([[False, False,  True,  True],

@@ -22,7 +22,7 @@ _SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A character-level tokenizer over printable ASCII (ids 0-3 are special).
 
-    Example:
+    Examples:
         >>> tiny_tokenizer()("ab").input_ids
         [1, 14, 15]
     """
@@ -55,7 +55,7 @@ def tiny_llama(
 ) -> LlamaForCausalLM:
     """A random Llama causal LM with the vocabulary of :func:`tiny_tokenizer`.
 
-    Example:
+    Examples:
         >>> tiny_llama().config.num_hidden_layers
         3
     """
@@ -86,7 +86,7 @@ def tiny_llama(
 def tiny_bridge(**kwargs: Any) -> Any:
     """:func:`tiny_llama` booted as a TransformerLens ``TransformerBridge``.
 
-    Example:
+    Examples:
         >>> tiny_bridge().cfg.n_layers
         3
     """

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from jaxtyping import Float
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -64,7 +64,7 @@ class ContrastiveMeans:
         n_target: Number of target texts.
         n_source: Number of source texts.
 
-    Example:
+    Examples:
         >>> means = ContrastiveMeans(
         ...     mu_target=torch.ones(2, 4), mu_source=torch.zeros(2, 4),
         ...     layers=(1, 3), hook_point="resid_post", aggregation="mean",
@@ -182,7 +182,7 @@ class ContrastiveMeans:
             MetadataMismatchError: If the model's name (when both are known),
                 number of layers or width, or the hook point, differ.
 
-        Example:
+        Examples:
             >>> from controllens.testing import tiny_llama
             >>> means = ContrastiveMeans(
             ...     mu_target=torch.ones(1, 32), mu_source=torch.zeros(1, 32),
@@ -256,7 +256,7 @@ them with contrastive_means on this model.
             MetadataMismatchError: If the file was made for another model or
                 hook point, or was not written by :meth:`save`.
 
-        Example:
+        Examples:
             >>> import tempfile
             >>> means = ContrastiveMeans(
             ...     mu_target=torch.ones(1, 4), mu_source=torch.zeros(1, 4),
@@ -270,27 +270,20 @@ them with contrastive_means on this model.
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"No saved means at {str(path)!r}.")
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-            if header.get("format") != _FORMAT or not {"mu_target", "mu_source"} <= set(
-                f.keys()
-            ):
-                raise MetadataMismatchError(
-                    f"Expected a file written by ContrastiveMeans.save (format "
-                    f"{_FORMAT!r}), got format {header.get('format')!r} in "
-                    f"{str(path)!r}."
-                )
-            tensors = {key: f.get_tensor(key) for key in ("mu_target", "mu_source")}
-        names = set(cls.__dataclass_fields__) - {"mu_target", "mu_source"}
         try:
+            tensors, header = _read_file(path)
+            names = set(cls.__dataclass_fields__) - {"mu_target", "mu_source"}
             fields = {key: json.loads(header[key]) for key in names}
-        except (KeyError, json.JSONDecodeError) as err:
+            fields["layers"] = tuple(fields["layers"])
+            means = cls(**tensors, **fields)
+        except MetadataMismatchError:
+            raise
+        except (SafetensorError, KeyError, ValueError, TypeError) as err:
             raise MetadataMismatchError(
-                f"The metadata of {str(path)!r} is incomplete or corrupt ({err!r}); "
-                "re-save the means with ContrastiveMeans.save."
+                f"{str(path)!r} is not a valid file written by "
+                f"ContrastiveMeans.save ({type(err).__name__}: {err}). Re-measure "
+                "the means and save them again."
             ) from err
-        fields["layers"] = tuple(fields["layers"])
-        means = cls(**tensors, **fields)
         if model is not None or hook_point is not None:
             if model is None:
                 if hook_point != means.hook_point:
@@ -301,6 +294,21 @@ them with contrastive_means on this model.
             else:
                 means.check_compatible(model, hook_point=hook_point)
         return means
+
+
+def _read_file(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    # safetensors parses a JSON header and raw tensors: nothing is executed
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata() or {}
+        keys = set(f.keys())
+        if header.get("format") != _FORMAT or not {"mu_target", "mu_source"} <= keys:
+            raise MetadataMismatchError(
+                f"Expected a file written by ContrastiveMeans.save (format "
+                f"{_FORMAT!r}), got format {header.get('format')!r} in "
+                f"{str(path)!r}."
+            )
+        tensors = {key: f.get_tensor(key) for key in ("mu_target", "mu_source")}
+    return tensors, header
 
 
 class _StopForward(Exception):
@@ -718,7 +726,7 @@ def contrastive_means(
         HookPointError: An unknown hook point.
         ModelError: A model controllens does not recognise, or no tokenizer.
 
-    Example:
+    Examples:
         >>> from controllens.testing import tiny_llama, tiny_tokenizer
         >>> means = contrastive_means(
         ...     tiny_llama(), target=["a joy to watch"], source=["a chore"],
@@ -810,7 +818,7 @@ def mean_activations(
     Returns:
         One float32 row per layer, in layer order.
 
-    Example:
+    Examples:
         >>> from controllens.testing import tiny_llama, tiny_tokenizer
         >>> mean_activations(tiny_llama(), ["hello there"], layers=[-1],
         ...                  tokenizer=tiny_tokenizer(), progress=False).shape

@@ -114,7 +114,7 @@ class MoELayer:
 
         These are views of the model's parameters (detached), not copies.
 
-        Example:
+        Examples:
             >>> from controllens.camex.tiny import tiny_moe
             >>> layer = find_moe_layers(tiny_moe(n_experts=3))[0]
             >>> [tuple(w.shape) for w in layer.projections()]
@@ -169,7 +169,7 @@ class MoELayer:
     ) -> Float[Tensor, "tokens expert d_model"]:
         """What every expert would output on every token (unweighted).
 
-        Example:
+        Examples:
             >>> from controllens.camex.tiny import tiny_moe
             >>> layer = find_moe_layers(tiny_moe(n_experts=3))[1]
             >>> layer.expert_outputs(torch.randn(5, 32)).shape
@@ -232,7 +232,7 @@ def find_moe_layers(
             analyses cannot read.
         LayerError: an index outside the model, or a layer with a dense MLP.
 
-    Example:
+    Examples:
         >>> from controllens.camex.tiny import tiny_moe
         >>> [(m.layer, m.n_experts, m.top_k) for m in find_moe_layers(tiny_moe())]
         [(0, 4, 2), (1, 4, 2)]
@@ -317,7 +317,7 @@ def token_windows(
         seq_len: tokens per window.
         n_windows: the first windows to keep (None: all whole windows).
 
-    Example:
+    Examples:
         >>> from controllens.testing import tiny_tokenizer
         >>> token_windows("abcdefgh", tiny_tokenizer(), seq_len=3).shape
         torch.Size([2, 3])
@@ -351,7 +351,7 @@ def calibration_batches(
     Yields:
         ``(tokens, mask)``, the mask 1 on real tokens and 0 on padding.
 
-    Example:
+    Examples:
         >>> from controllens.testing import tiny_tokenizer
         >>> [t.tolist() for t in next(calibration_batches(["ab", "c"],
         ...                                                tiny_tokenizer()))]

@@ -125,7 +125,7 @@ def estimate_curvature(
     Returns:
         One :class:`ExpertCurvature` per layer, keyed by layer index.
 
-    Example:
+    Examples:
         >>> from controllens.camex.tiny import tiny_moe_bridge
         >>> curvature = estimate_curvature(tiny_moe_bridge(), ["the cat sat"])
         >>> c = curvature[0]

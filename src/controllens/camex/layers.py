@@ -150,7 +150,7 @@ def choose_path(
     The charge was calibrated with ``benchmarks/camex_merge_paths.py`` on two
     CPU cores (SmolLM2 shapes); it is a rough constant, not a law.
 
-    Example:
+    Examples:
         >>> choose_path(n_groups=8, n_tokens=2048, n_experts=4, d_out=64,
         ...             d_in=32)
         'weights'
@@ -170,7 +170,7 @@ class Router(nn.Module):
     The router weight starts at zero, so routing starts uniform (a merged
     layer over identical experts then equals the dense MLP).
 
-    Example:
+    Examples:
         >>> router = Router(8, MoEConfig(n_experts=3, granularity="sequence"))
         >>> logits, weights, aux = router(torch.randn(2, 5, 8))
         >>> weights.shape, weights.sum(-1)
@@ -402,7 +402,7 @@ class MergedExperts(nn.Module):
             EP-CAMEx layers after the first have none.
         chain: the :class:`ExpertChain` an EP-CAMEx layer belongs to.
 
-    Example:
+    Examples:
         >>> layer = MergedExperts(MoEConfig(n_experts=2), d_model=8, d_mlp=16)
         >>> layer(torch.randn(2, 5, 8)).shape
         torch.Size([2, 5, 8])
@@ -518,7 +518,7 @@ class MergedExperts(nn.Module):
 def moe_layers(model: nn.Module) -> list[tuple[str, MergedExperts]]:
     """Every :class:`MergedExperts` inside a model, with its module name.
 
-    Example:
+    Examples:
         >>> layer = MergedExperts(MoEConfig(n_experts=2), d_model=8, d_mlp=16)
         >>> [name for name, _ in moe_layers(nn.Sequential(layer))]
         ['0']
@@ -533,7 +533,7 @@ def collect_aux_losses(model: nn.Module) -> Iterator[list[Tensor]]:
     Yields:
         A list that receives one scalar per layer and forward pass.
 
-    Example:
+    Examples:
         >>> config = MoEConfig(n_experts=2, router="noisy_top_k", top_k=1)
         >>> layer = MergedExperts(config, d_model=8, d_mlp=16)
         >>> with collect_aux_losses(layer) as losses:

@@ -60,7 +60,7 @@ def stack_experts(
     Raises:
         MergeError: if there are no experts or their shapes differ.
 
-    Example:
+    Examples:
         >>> stack_experts([torch.zeros(3, 2), torch.ones(3, 2)]).shape
         torch.Size([2, 3, 2])
     """
@@ -98,7 +98,7 @@ def smear_merge(
     Returns:
         One merged matrix per routing group.
 
-    Example:
+    Examples:
         >>> experts = torch.stack([torch.zeros(2, 2), torch.ones(2, 2)])
         >>> smear_merge(experts, torch.tensor([0.25, 0.75]))
         tensor([[0.7500, 0.7500],
@@ -114,7 +114,7 @@ def task_vectors(
 ) -> Float[Tensor, "expert d_out d_in"]:
     """Task vectors ``tau_i = W_i - W_0`` of experts relative to a base expert.
 
-    Example:
+    Examples:
         >>> task_vectors(torch.ones(1, 2), torch.full((3, 1, 2), 3.0))[0]
         tensor([[2., 2.]])
     """
@@ -134,7 +134,7 @@ def task_vector_merge(
 ) -> Float[Tensor, "*group d_out d_in"]:
     """Flat merge of task vectors: ``W = W_0 + alpha sum_i s_i tau_i``.
 
-    Example:
+    Examples:
         >>> taus = torch.stack([torch.ones(1, 2), -torch.ones(1, 2)])
         >>> task_vector_merge(torch.zeros(1, 2), taus, torch.tensor([0.75, 0.25]))
         tensor([[0.5000, 0.5000]])
@@ -163,7 +163,7 @@ def ties_elect(
         The trimmed and sign-elected task vectors (gradients flow through the
         entries kept).
 
-    Example:
+    Examples:
         >>> taus = torch.tensor([[[1.0, -2.0]], [[3.0, 1.0]]])
         >>> ties_elect(taus)
         tensor([[[ 1., -2.]],
@@ -191,7 +191,7 @@ def dare(
     ``tau_i <- tau_i * m / (1 - p)`` with ``m ~ Bernoulli(1 - p)``, which keeps
     the expected task vector unchanged.
 
-    Example:
+    Examples:
         >>> dare(torch.ones(1, 2, 2), drop=0.0)
         tensor([[[1., 1.],
                  [1., 1.]]])
@@ -219,7 +219,7 @@ def kronecker_sizes(width: int, factor: int | None = None) -> tuple[int, int]:
     Raises:
         MergeError: if ``factor`` does not divide ``width``.
 
-    Example:
+    Examples:
         >>> kronecker_sizes(1536), kronecker_sizes(576, 8)
         ((32, 48), (8, 72))
     """
@@ -253,7 +253,7 @@ class KroneckerCurvature(nn.Module):
         out_factor: size ``a`` of ``P`` (None: near ``sqrt(d_out)``).
         in_factor: size ``c`` of ``U`` (None: near ``sqrt(d_in)``).
 
-    Example:
+    Examples:
         >>> curvature = KroneckerCurvature(n_experts=2, d_out=6, d_in=4, rank=2)
         >>> tau = torch.randn(2, 6, 4)
         >>> torch.allclose(curvature(tau), tau)
@@ -339,7 +339,7 @@ def camex_merge(
     identity (:meth:`KroneckerCurvature.set_identity`) it equals the flat
     merge with ``alpha`` scaled by ``R``.
 
-    Example:
+    Examples:
         >>> curvature = KroneckerCurvature(n_experts=1, d_out=2, d_in=2)
         >>> base, taus = torch.zeros(2, 2), torch.ones(1, 2, 2)
         >>> camex_merge(base, taus, torch.ones(1), curvature)
@@ -363,7 +363,7 @@ def ep_camex_merge(
     ``W_prev + alpha (sum_i s_i M_i(W_i) - sum_i s_i M_i(W_prev))`` so that the
     static part is transformed once and only ``W_prev`` per group.
 
-    Example:
+    Examples:
         >>> curvature = KroneckerCurvature(n_experts=2, d_out=2, d_in=2)
         >>> previous = torch.zeros(1, 2, 2)
         >>> experts = torch.stack([torch.ones(2, 2), 3 * torch.ones(2, 2)])

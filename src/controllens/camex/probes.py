@@ -321,7 +321,7 @@ def merge_probe(
         tokenizer: overrides the model's (a plain HF model has none).
         progress: show a tqdm progress bar.
 
-    Example:
+    Examples:
         >>> from controllens.camex.tiny import tiny_moe_bridge
         >>> report = merge_probe(tiny_moe_bridge(), ["the cat sat on the mat"])
         >>> sorted(report.per_layer["flat"]), report.per_layer["flat"][0].kl > 0
@@ -464,7 +464,7 @@ def merge_group(
     model's own forward pass runs on the edited weights, which are restored
     afterwards.
 
-    Example:
+    Examples:
         >>> from controllens.camex.tiny import tiny_moe_bridge
         >>> cost = merge_group(tiny_moe_bridge(), ["the cat sat"], layer=0,
         ...                    experts=(0, 1))
@@ -534,7 +534,7 @@ def merge_plan(
     layer's plan is then applied (alone, and all layers together) and its KL
     and loss change measured.
 
-    Example:
+    Examples:
         >>> from controllens.camex.tiny import tiny_moe_bridge
         >>> from controllens.camex.curvature import estimate_curvature
         >>> bridge = tiny_moe_bridge()

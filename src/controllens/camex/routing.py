@@ -131,7 +131,7 @@ def routing_stats(
     Returns:
         The :class:`RoutingStats`.
 
-    Example:
+    Examples:
         >>> from controllens.camex.tiny import tiny_moe_bridge
         >>> stats = routing_stats(tiny_moe_bridge(), ["the cat sat", "on a mat"])
         >>> stats.layers, stats.n_tokens, stats.load.sum(-1).tolist()

@@ -72,7 +72,7 @@ class ExpertSimilarity:
 def weight_cosine(layer: MoELayer) -> Float[Tensor, "expert expert"]:
     """Cosine of the experts' task vectors relative to their mean.
 
-    Example:
+    Examples:
         >>> from controllens.camex.tiny import tiny_moe
         >>> from controllens.camex.analysis import find_moe_layers
         >>> cos = weight_cosine(find_moe_layers(tiny_moe())[0])
@@ -104,7 +104,7 @@ def expert_similarity(
         tokenizer: overrides the model's (a plain HF model has none).
         progress: show a tqdm progress bar.
 
-    Example:
+    Examples:
         >>> from controllens.camex.tiny import tiny_moe_nnsight
         >>> sim = expert_similarity(tiny_moe_nnsight(), ["the cat sat"])
         >>> sim.output_cka.shape, sim.n_tokens

@@ -47,7 +47,7 @@ def tiny_moe(
         d_model: residual width; experts are ``2 * d_model`` wide.
         seed: seed of the weights (the global generator is left as it was).
 
-    Example:
+    Examples:
         >>> model = tiny_moe("olmoe", n_experts=3, top_k=1)
         >>> model.model.layers[0].mlp.experts.down_proj.shape
         torch.Size([3, 32, 64])
@@ -100,7 +100,7 @@ def tiny_moe(
 def tiny_moe_bridge(architecture: Architecture = "mixtral", **kwargs: Any) -> Any:
     """:func:`tiny_moe` booted as a TransformerLens ``TransformerBridge``.
 
-    Example:
+    Examples:
         >>> "blocks.0.mlp.gate.hook_out" in tiny_moe_bridge().hook_dict
         True
     """

@@ -108,7 +108,7 @@ def load_text(
     The validation split is the last ``val_fraction`` of the characters, cut
     at a line break, so the two splits share no text.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> class Chars:  # a stand-in tokenizer: one id per character
         ...     def __call__(self, text):
@@ -158,7 +158,7 @@ def perplexity(
 ) -> float:
     """Perplexity on consecutive, non-overlapping windows of a token stream.
 
-    Example:
+    Examples:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
         >>> model = LlamaForCausalLM(LlamaConfig(
         ...     vocab_size=32, hidden_size=16, intermediate_size=32,
@@ -307,7 +307,7 @@ def train(
     the merged-experts layers' load-balancing losses. Gradients of
     ``grad_accum`` micro-batches are averaged before each AdamW step.
 
-    Example:
+    Examples:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
         >>> torch.manual_seed(0) and None
         >>> model = LlamaForCausalLM(LlamaConfig(

@@ -115,7 +115,7 @@ def upcycle(model: PreTrainedModel, config: UpcycleConfig) -> PreTrainedModel:
         ModelError: an MLP layout this function does not know.
         MergeError: a neuron split that does not divide ``d_mlp``.
 
-    Example:
+    Examples:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
         >>> torch.manual_seed(0) and None
         >>> tiny = LlamaForCausalLM(LlamaConfig(
@@ -213,7 +213,7 @@ def to_mixtral(model: PreTrainedModel) -> MixtralForCausalLM:
         ModelError: a model that is not Llama-family, or has no upcycled layer.
         MergeError: EP-CAMEx layers, or layers with different expert counts.
 
-    Example:
+    Examples:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
         >>> tiny = LlamaForCausalLM(LlamaConfig(
         ...     vocab_size=64, hidden_size=16, intermediate_size=32,
