@@ -43,7 +43,14 @@ _LAYER_PATHS = (
 
 @dataclass(frozen=True, kw_only=True)
 class ModelInfo:
-    """A model's kind and the sizes steering depends on."""
+    """A model's kind and the sizes steering depends on.
+
+    Examples:
+        >>> from controllens.testing import tiny_nnsight
+        >>> info = inspect_model(tiny_nnsight())
+        >>> info.kind, info.name, info.n_layers, info.d_model, info.layers_path
+        ('nnsight', 'tiny-llama', 3, 32, 'model.layers')
+    """
 
     kind: Kind
     name: str
@@ -69,6 +76,12 @@ def decoder_layers(hf_model: nn.Module) -> tuple[str, nn.ModuleList]:
 
     Returns:
         The attribute path (for example ``"model.layers"``) and the module list.
+
+    Examples:
+        >>> from controllens.testing import tiny_llama
+        >>> path, layers = decoder_layers(tiny_llama())
+        >>> path, len(layers)
+        ('model.layers', 3)
     """
     for path in _LAYER_PATHS:
         try:
@@ -97,6 +110,14 @@ def inspect_model(model: Any) -> ModelInfo:
 
     Returns:
         Its :class:`ModelInfo`.
+
+    Examples:
+        >>> from controllens.testing import tiny_bridge, tiny_llama
+        >>> info = inspect_model(tiny_bridge())
+        >>> info.kind, info.n_layers, info.d_model, info.dtype
+        ('transformer_lens', 3, 32, torch.float32)
+        >>> inspect_model(tiny_llama()).kind
+        'hf'
     """
     if not callable(getattr(model, "parameters", None)):
         raise ModelError(

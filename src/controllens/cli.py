@@ -215,7 +215,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``controllens`` command."""
+    """Entry point of the ``controllens`` command.
+
+    Args:
+        argv: The arguments after the command name (None: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0 on success, 2 on bad input (reported in one line).
+
+    Examples:
+        ``--help`` prints the usage and exits, as argparse does:
+
+        >>> import contextlib, io
+        >>> text = io.StringIO()
+        >>> with contextlib.redirect_stdout(text):
+        ...     try:
+        ...         main(["steer", "--help"])
+        ...     except SystemExit as stop:
+        ...         code = stop.code
+        >>> code, text.getvalue().startswith("usage: controllens steer")
+        (0, True)
+    """
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,

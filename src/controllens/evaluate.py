@@ -60,6 +60,19 @@ def scorer_accuracy(scorer: VaderScorer, path: str | Path) -> float:
     Args:
         scorer: Anything with ``positive(texts) -> list[bool]``.
         path: A file like ``../shared/data/sst2/dev.tsv``.
+
+    Returns:
+        The share of sentences whose predicted sentiment matches the label
+        (label 1: positive).
+
+    Examples:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     path = Path(tmp) / "dev.tsv"
+        ...     _ = path.write_text("sentence\\tlabel\\na wonderful film\\t1\\n"
+        ...                         "a terrible film\\t0\\na must-see\\t1\\n")
+        ...     round(scorer_accuracy(VaderScorer(), path), 3)  # misses "a must-see"
+        0.667
     """
     from controllens.data import load_labelled_tsv
 
@@ -71,7 +84,21 @@ def scorer_accuracy(scorer: VaderScorer, path: str | Path) -> float:
 
 @dataclass(frozen=True, kw_only=True)
 class Continuations:
-    """Prompts, their generated continuations and the tokens behind them."""
+    """Prompts, their generated continuations and the tokens behind them.
+
+    Examples:
+        >>> from controllens.testing import tiny_bridge
+        >>> out = generate(tiny_bridge(), ["ab", "hello"], max_new_tokens=4,
+        ...                progress=False)
+        >>> out.tokens.shape  # [batch, pos]: padded prompt, then continuation
+        torch.Size([2, 10])
+        >>> out.attention_mask[0].tolist()  # "ab" is BOS + 2 tokens, left-padded
+        [0, 0, 0, 1, 1, 1, 1, 1, 1, 1]
+        >>> out.continuation_mask[0].tolist()
+        [0, 0, 0, 0, 0, 0, 1, 1, 1, 1]
+        >>> out.prompts, len(out.texts)
+        (('ab', 'hello'), 2)
+    """
 
     prompts: tuple[str, ...]
     texts: tuple[str, ...]
@@ -121,6 +148,21 @@ def generate(
         temperature: Sampling temperature; 0 for greedy decoding.
         top_p: Nucleus sampling mass.
         progress: Show a progress bar.
+
+    Returns:
+        The :class:`Continuations`, tokens ``[batch, pos]`` left-padded.
+
+    Examples:
+        >>> from controllens.testing import tiny_bridge
+        >>> model = tiny_bridge()
+        >>> steering = Steering(errors=torch.randn(1, 32), layers=(1,), alpha=4.0)
+        >>> plain = generate(model, ["ab"], max_new_tokens=5, progress=False)
+        >>> steered = generate(model, ["ab"], steering, max_new_tokens=5,
+        ...                    progress=False)
+        >>> plain.tokens.shape, steered.tokens.shape  # [batch, 3 + 5]
+        (torch.Size([1, 8]), torch.Size([1, 8]))
+        >>> torch.equal(plain.tokens[:, :3], steered.tokens[:, :3])  # same prompt
+        True
     """
     # the same tokens as the means were measured on (the HF BOS convention)
     tokenizer, bos = _resolve_tokenizer(inspect_model(model), None, False, None)
@@ -184,6 +226,17 @@ def continuation_perplexity(
 
     Only continuation tokens are scored, each conditioned on its prompt and the
     continuation so far.
+
+    Returns:
+        One perplexity per continuation, ``[batch]``.
+
+    Examples:
+        >>> from controllens.testing import tiny_bridge
+        >>> model = tiny_bridge()
+        >>> out = generate(model, ["ab", "hello"], max_new_tokens=4, progress=False)
+        >>> ppl = continuation_perplexity(model, out)
+        >>> ppl.shape, bool((ppl > 1).all())
+        (torch.Size([2]), True)
     """
     values = []
     for start in range(0, continuations.tokens.shape[0], batch_size):

@@ -93,6 +93,11 @@ def default_model_path() -> Path:
     Returns:
         A Hugging Face model folder (``config.json``, ``model.safetensors``,
         tokenizer files).
+
+    Examples:
+        >>> path = default_model_path()
+        >>> path.name, (path / "config.json").is_file()
+        ('SmolLM2-135M-Instruct', True)
     """
     target = cache_dir() / DEFAULT_MODEL
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
@@ -152,6 +157,13 @@ def load_hf(
     Returns:
         ``(model, tokenizer)``, the model in eval mode. The tokenizer has a pad
         token (the EOS token when the model defines none).
+
+    Examples:
+        >>> model, tokenizer = load_hf()
+        >>> model.config.num_hidden_layers, model.config.hidden_size
+        (30, 576)
+        >>> tokenizer.pad_token is not None, model.training
+        (True, False)
     """
     if isinstance(source, PreTrainedModel):
         raise TypeError(
@@ -216,6 +228,19 @@ def load_bridge(
     Returns:
         A ``transformer_lens.model_bridge.TransformerBridge`` with the usual hook
         names (``blocks.{l}.hook_resid_post``, ...).
+
+    Examples:
+        >>> bridge = load_bridge()
+        >>> bridge.cfg.n_layers, bridge.cfg.d_model
+        (30, 576)
+        >>> "blocks.29.hook_resid_post" in bridge.hook_dict
+        True
+
+        An already-loaded model needs its tokenizer:
+
+        >>> from controllens.testing import tiny_llama, tiny_tokenizer
+        >>> load_bridge(tiny_llama(), tokenizer=tiny_tokenizer()).cfg.n_layers
+        3
     """
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -245,6 +270,13 @@ def load_nnsight(
 
     Returns:
         An ``nnsight.LanguageModel``.
+
+    Examples:
+        >>> model = load_nnsight()
+        >>> with model.trace("Hello"):
+        ...     hidden = model.model.layers[-1].output.save()
+        >>> hidden.shape[0], hidden.shape[-1]  # [batch, pos, d_model]
+        (1, 576)
     """
     import warnings
 

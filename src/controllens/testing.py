@@ -100,7 +100,15 @@ def tiny_bridge(**kwargs: Any) -> Any:
 
 
 def tiny_nnsight(**kwargs: Any) -> Any:
-    """:func:`tiny_llama` wrapped as an nnsight ``LanguageModel``."""
+    """:func:`tiny_llama` wrapped as an nnsight ``LanguageModel``.
+
+    Examples:
+        >>> model = tiny_nnsight()
+        >>> with model.trace("ab"):
+        ...     hidden = model.model.layers[1].output.save()
+        >>> hidden.shape  # [batch, pos, d_model]: BOS + 2 characters
+        torch.Size([1, 3, 32])
+    """
     from controllens.models import load_nnsight
 
     return load_nnsight(tiny_llama(**kwargs), tokenizer=tiny_tokenizer())

@@ -194,7 +194,7 @@ class ContrastiveMeans:
             ...
             controllens.errors.MetadataMismatchError: These means were measured on \
 another model or hook point (saved vs requested): d_model 32 vs 16. Re-estimate \
-them with contrastive_means on this model.
+them with contrastive_means on this model. (docs/errors/MetadataMismatchError.md)
         """
         info = inspect_model(model)
         problems = []

@@ -64,6 +64,17 @@ class RoutingHooks:
         indices: hook of the chosen experts ``[tokens, top_k]``.
         router: path of the router module under a decoder layer (nnsight and
             plain HF models), whose output is ``(logits, weights, indices)``.
+
+    Examples:
+        >>> from controllens.camex.tiny import tiny_moe_bridge
+        >>> hooks = RoutingHooks()
+        >>> names = [hooks.logits.format(layer=1), hooks.indices.format(layer=1)]
+        >>> _, cache = tiny_moe_bridge().run_with_cache(
+        ...     torch.tensor([[1, 14, 15]]), names_filter=names)
+        >>> [tuple(cache[name].shape) for name in names]  # logits, indices
+        [(3, 4), (3, 2)]
+        >>> RoutingHooks(router="mlp.router").router  # a GPT-OSS-style model
+        'mlp.router'
     """
 
     logits: str = "blocks.{layer}.mlp.gate.hook_out"
@@ -86,6 +97,14 @@ class MoELayer:
         d_model: residual width.
         d_mlp: hidden width of one expert.
         has_shared: whether a shared expert is added beside the routed ones.
+
+    Examples:
+        >>> from controllens.camex.tiny import tiny_moe
+        >>> m = find_moe_layers(tiny_moe("qwen2_moe"))[1]
+        >>> m.layer, m.n_experts, m.top_k, m.d_model, m.d_mlp, m.has_shared
+        (1, 4, 2, 32, 64, True)
+        >>> m.expert_outputs(torch.randn(5, 32)).shape  # [tokens, expert, d_model]
+        torch.Size([5, 4, 32])
     """
 
     layer: int

@@ -56,6 +56,19 @@ class ExpertCurvature:
         fisher: diagonal empirical Fisher of each projection.
         kfac_in: input factors ``A`` ``[expert, in, in]`` (None if not estimated).
         kfac_out: output factors ``G`` ``[expert, out, out]``.
+
+    Examples:
+        >>> from controllens.camex.tiny import tiny_moe
+        >>> tokens = torch.tensor([[1, 14, 15, 16]])  # [batch, pos]
+        >>> c = estimate_curvature(tiny_moe(), tokens, layers=0)[0]
+        >>> c.layer, c.n_tokens, c.usage.shape
+        (0, 3, torch.Size([4]))
+        >>> [tuple(f.shape) for f in c.fisher]  # gate, up: d_mlp x d_model
+        [(4, 64, 32), (4, 64, 32), (4, 32, 64)]
+        >>> [tuple(a.shape) for a in c.kfac_in]
+        [(4, 32, 32), (4, 32, 32), (4, 64, 64)]
+        >>> [tuple(g.shape) for g in c.kfac_out]
+        [(4, 64, 64), (4, 64, 64), (4, 32, 32)]
     """
 
     layer: int

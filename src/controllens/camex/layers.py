@@ -82,6 +82,15 @@ class MoEConfig:
         dare_drop: DARE drop probability (applied in training mode only).
         noise_std: scale of the noisy top-k router's noise.
         path: ``"auto"``, ``"weights"`` or ``"outputs"`` (see module docs).
+
+    Examples:
+        >>> config = MoEConfig(n_experts=8, router="noisy_top_k", top_k=2)
+        >>> config.uses_base, config.group_length
+        (True, 1)
+        >>> MoEConfig(granularity="segment", segment_length=16).group_length
+        16
+        >>> MoEConfig(method="mixture").uses_base
+        False
     """
 
     n_experts: int = 4
@@ -257,6 +266,20 @@ class ExpertChain:
     carried weights at every forward; the later ones read and replace them.
     This relies on the layers running in order within one forward pass, so it
     does not survive activation checkpointing that reruns a single layer.
+
+    Examples:
+        >>> chain = ExpertChain()
+        >>> config = MoEConfig(n_experts=2, method="ep_camex")
+        >>> first = MergedExperts(config, d_model=8, d_mlp=16, chain=chain)
+        >>> second = MergedExperts(config, d_model=8, d_mlp=16, has_base=False,
+        ...                        chain=chain)
+        >>> second(first(torch.randn(1, 3, 8))).shape  # [batch, pos, d_model]
+        torch.Size([1, 3, 8])
+        >>> {name: tuple(w.shape) for name, w in chain.merged.items()}
+        {'gate': (3, 16, 8), 'up': (3, 16, 8), 'down': (3, 8, 16)}
+
+        The carried weights are ``[batch * group, out, in]``: one merged matrix
+        per routing group (here per token).
     """
 
     def __init__(self) -> None:

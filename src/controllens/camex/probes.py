@@ -79,6 +79,13 @@ class ProbeCost:
         kl: KL(original || intervened) of next-token distributions, nats.
         loss: the intervened model's cross-entropy, nats.
         delta_loss: ``loss`` minus the original model's loss.
+
+    Examples:
+        >>> from controllens.camex.tiny import tiny_moe
+        >>> tokens = torch.tensor([[1, 14, 15, 16, 17]])  # [batch, pos]
+        >>> cost = merge_group(tiny_moe(), tokens, layer=0, experts=(0, 1))
+        >>> cost.kl > 0, cost.loss > 0, sorted(vars(cost))
+        (True, True, ['delta_loss', 'kl', 'loss'])
     """
 
     kl: float
@@ -95,6 +102,16 @@ class ProbeReport:
         n_tokens: predicted tokens measured.
         per_layer: ``per_layer[method][layer]``: one layer merged alone.
         together: ``together[method]``: all probed layers merged at once.
+
+    Examples:
+        >>> from controllens.camex.tiny import tiny_moe
+        >>> tokens = torch.tensor([[1, 14, 15, 16, 17]])  # [batch, pos]
+        >>> report = merge_probe(tiny_moe(), tokens, methods=("flat", "ties"),
+        ...                      layers=(0, 1), together=True)
+        >>> report.n_tokens, sorted(report.per_layer["ties"]), sorted(report.together)
+        (4, [0, 1], ['flat', 'ties'])
+        >>> list(report.to_dict()["flat"])  # each layer alone, then both at once
+        ['0', '1', 'all']
     """
 
     base_loss: float
@@ -492,6 +509,17 @@ class MergePlan:
             ``1/2 sum_i sum F_i (W_G - W_i)**2``.
         measured: per layer, the cost of applying that layer's plan alone.
         together: the cost of applying every layer's plan at once.
+
+    Examples:
+        >>> from controllens.camex.curvature import estimate_curvature
+        >>> from controllens.camex.tiny import tiny_moe
+        >>> model, tokens = tiny_moe(), torch.tensor([[1, 14, 15, 16, 17]])
+        >>> curvature = estimate_curvature(model, tokens, kfac=False)
+        >>> plan = merge_plan(model, None, curvature, budget=2, layers=0)
+        >>> len(plan.groups[0]), sorted(e for g in plan.groups[0] for e in g)
+        (2, [0, 1, 2, 3])
+        >>> plan.predicted[0] >= 0, plan.measured, plan.together  # no data
+        (True, {}, None)
     """
 
     budget: int

@@ -47,6 +47,17 @@ class RoutingStats:
             (the diagonal is ``counts``).
         top_tokens: per layer and expert, the most frequent token strings
             routed to it with their counts, most frequent first.
+
+    Examples:
+        >>> from controllens.camex.tiny import tiny_moe
+        >>> tokens = torch.tensor([[1, 14, 15, 16, 17]])  # [batch, pos]
+        >>> stats = routing_stats(tiny_moe(), tokens)
+        >>> stats.counts.shape, stats.co_selection.shape, stats.entropy.shape
+        (torch.Size([2, 4]), torch.Size([2, 4, 4]), torch.Size([2]))
+        >>> stats.counts.sum(-1).tolist()  # n_tokens * top_k per layer
+        [10.0, 10.0]
+        >>> stats.load.sum(-1).tolist()
+        [1.0, 1.0]
     """
 
     layers: tuple[int, ...]

@@ -42,6 +42,18 @@ class ExpertSimilarity:
         weight_cosine: cosine of task vectors relative to the mean expert.
         output_cka: linear CKA of expert outputs (None when not measured).
         n_tokens: calibration tokens behind ``output_cka``.
+
+    Examples:
+        >>> from controllens.camex.tiny import tiny_moe
+        >>> tokens = torch.tensor([[1, 14, 15, 16]])  # [batch, pos]
+        >>> sim = expert_similarity(tiny_moe(), tokens)
+        >>> sim.layers, sim.weight_cosine.shape, sim.output_cka.shape, sim.n_tokens
+        ((0, 1), torch.Size([2, 4, 4]), torch.Size([2, 4, 4]), 4)
+        >>> i, j = sim.most_similar(1)  # the closest pair of distinct experts
+        >>> 0 <= i < j < 4
+        True
+        >>> expert_similarity(tiny_moe()).output_cka is None  # weights only
+        True
     """
 
     layers: tuple[int, ...]

@@ -115,7 +115,16 @@ def tiny_moe_bridge(architecture: Architecture = "mixtral", **kwargs: Any) -> An
 
 
 def tiny_moe_nnsight(architecture: Architecture = "mixtral", **kwargs: Any) -> Any:
-    """:func:`tiny_moe` wrapped as an nnsight ``LanguageModel``."""
+    """:func:`tiny_moe` wrapped as an nnsight ``LanguageModel``.
+
+    Examples:
+        >>> model = tiny_moe_nnsight("olmoe", n_experts=3)
+        >>> with model.trace("ab"):
+        ...     logits, weights, indices = model.model.layers[0].mlp.gate.output
+        ...     logits = logits.save()
+        >>> logits.shape  # router logits, [tokens, expert]
+        torch.Size([3, 3])
+    """
     from controllens.models import load_nnsight
 
     return load_nnsight(tiny_moe(architecture, **kwargs), tokenizer=tiny_tokenizer())

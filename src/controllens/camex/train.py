@@ -63,6 +63,15 @@ class TrainConfig:
         resume: continue from ``checkpoint_dir`` when it holds a checkpoint.
         seed: seed of the data order and of torch's generator.
         progress: show a tqdm progress bar.
+
+    Examples:
+        >>> config = TrainConfig(steps=10, batch_size=2, seq_len=16, grad_accum=4)
+        >>> config.grad_accum * config.batch_size * config.seq_len  # tokens/step
+        128
+        >>> TrainConfig(steps=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: expected steps >= 1, got 0
     """
 
     steps: int = 100
@@ -90,7 +99,26 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class TrainResult:
-    """What a training run measured."""
+    """What a training run measured.
+
+    Attributes:
+        losses: LM loss of each step (mean over its micro-batches).
+        aux_losses: summed load-balancing loss of each step.
+        step_times: seconds per step.
+        val_perplexity: ``(step, perplexity)`` of each validation run.
+        tokens_seen: training tokens consumed (this run, not the resumed part).
+        start_step: the step a resumed run started from (0: a fresh run).
+
+    Examples:
+        >>> from controllens.testing import tiny_llama
+        >>> ids = torch.arange(200) % 104  # a [train_tokens] token stream
+        >>> result = train(tiny_llama(), ids, ids[:32], TrainConfig(
+        ...     steps=2, batch_size=2, seq_len=8, progress=False))
+        >>> len(result.losses), result.tokens_seen, result.start_step
+        (2, 32, 0)
+        >>> [step for step, _ in result.val_perplexity]  # only at the end
+        [2]
+    """
 
     losses: list[float] = field(default_factory=list)
     aux_losses: list[float] = field(default_factory=list)
@@ -216,6 +244,20 @@ def save_checkpoint(
     Files: ``model.safetensors`` (the parameters the optimizer updates, by
     name), ``optimizer.safetensors`` (moments, random states) and
     ``state.json`` (step, hyper-parameters, ``metadata``).
+
+    Returns:
+        The folder written.
+
+    Examples:
+        >>> import tempfile
+        >>> from controllens.testing import tiny_llama
+        >>> model = tiny_llama()
+        >>> optimizer = torch.optim.AdamW(model.model.norm.parameters())
+        >>> rng = torch.Generator().manual_seed(0)
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     path = save_checkpoint(tmp, model, optimizer, step=5, data_rng=rng)
+        ...     sorted(p.name for p in path.iterdir())
+        ['model.safetensors', 'optimizer.safetensors', 'state.json']
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -265,6 +307,21 @@ def load_checkpoint(
 
     Raises:
         MetadataMismatchError: a checkpoint written for other parameters.
+
+    Examples:
+        >>> import tempfile
+        >>> from controllens.testing import tiny_llama
+        >>> model = tiny_llama()
+        >>> optimizer = torch.optim.AdamW(model.model.norm.parameters())
+        >>> rng = torch.Generator().manual_seed(0)
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     _ = save_checkpoint(tmp, model, optimizer, step=5, data_rng=rng)
+        ...     _ = model.model.norm.weight.data.zero_()
+        ...     state = load_checkpoint(tmp, model, optimizer, rng)
+        >>> state["step"], state["param_names"]
+        (5, ['model.norm.weight'])
+        >>> model.model.norm.weight.data.unique()  # restored: [d_model] ones
+        tensor([1.])
     """
     directory = Path(directory)
     state = json.loads((directory / _STATE).read_text())

@@ -43,6 +43,16 @@ class UpcycleConfig:
             so the mixture of all experts at weight ``1 / n_experts`` is the
             dense MLP; the base is then the mean of the split experts).
         seed: seed of the noise (None: torch's global generator).
+
+    Examples:
+        >>> from controllens.testing import tiny_llama
+        >>> config = UpcycleConfig(layers=(0, 2), moe=MoEConfig(n_experts=4),
+        ...                        noise_std=0.01, seed=0)
+        >>> model = upcycle(tiny_llama(), config)
+        >>> [type(layer.mlp).__name__ for layer in model.model.layers]
+        ['MergedExperts', 'LlamaMLP', 'MergedExperts']
+        >>> model.model.layers[0].mlp.projections["gate"].experts.shape
+        torch.Size([4, 64, 32])
     """
 
     layers: tuple[int, ...]
@@ -313,6 +323,21 @@ def save_mixtral(
 
     Returns:
         The folder written.
+
+    Examples:
+        >>> import tempfile
+        >>> from transformers import AutoModelForCausalLM
+        >>> from controllens.testing import tiny_llama, tiny_tokenizer
+        >>> moe = MoEConfig(n_experts=2, method="mixture", router="noisy_top_k",
+        ...                 top_k=1)
+        >>> model = upcycle(tiny_llama(), UpcycleConfig(layers=(1,), moe=moe))
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     path = save_mixtral(model, tmp, tiny_tokenizer())
+        ...     mixtral = AutoModelForCausalLM.from_pretrained(path)
+        >>> type(mixtral).__name__, mixtral.config.num_local_experts
+        ('MixtralForCausalLM', 2)
+        >>> mixtral.model.layers[1].mlp.experts.down_proj.shape
+        torch.Size([2, 32, 64])
     """
     path = Path(path)
     to_mixtral(model).save_pretrained(path)
