@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from controllens.adapters import inspect_model
 from controllens.steering import Steering
-from controllens.vectors import _encode, _resolve_tokenizer
+from controllens.tokens import encode, pad, resolve_tokenizer
 
 __all__ = [
     "Continuations",
@@ -109,16 +109,6 @@ class Continuations:
     attention_mask: Int[Tensor, "batch pos"]
 
 
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    width = max(len(row) for row in rows)
-    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        tokens[i, width - len(row) :] = torch.tensor(row)
-        mask[i, width - len(row) :] = 1
-    return tokens, mask
-
-
 def generate(
     model: Any,
     prompts: Sequence[str],
@@ -165,15 +155,15 @@ def generate(
         True
     """
     # the same tokens as the means were measured on (the HF BOS convention)
-    tokenizer, bos = _resolve_tokenizer(inspect_model(model), None, False, None)
+    tokenizer, bos = resolve_tokenizer(inspect_model(model), None, False, None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos_id = tokenizer.eos_token_id
     all_tokens, all_masks, texts = [], [], []
     bar = tqdm(total=len(prompts), desc="generating", disable=not progress)
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
-        ids = _encode(chunk, tokenizer, bos=bos, chat_template=False, max_length=None)
-        tokens, mask = _left_pad(ids, pad_id)
+        ids = encode(chunk, tokenizer, bos=bos, chat_template=False, max_length=None)
+        tokens, mask = pad(ids, pad_id, "left", torch.device("cpu"))
         torch.manual_seed(seed + start)
         kwargs = dict(
             max_new_tokens=max_new_tokens,

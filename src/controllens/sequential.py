@@ -32,16 +32,8 @@ from controllens.controllers import Gains, LayerController
 from controllens.data import ContrastiveTexts
 from controllens.errors import ModelError
 from controllens.steering import Positions, Steering
-from controllens.vectors import (
-    _check_options,
-    _coerce_data,
-    _encode,
-    _hf_forward,
-    _pad,
-    _resolve_tokenizer,
-    _side_means,
-    _token_weights,
-)
+from controllens.tokens import encode, pad, resolve_tokenizer, token_weights
+from controllens.vectors import _check_options, _coerce_data, _hf_forward, _side_means
 
 __all__ = ["sequential_steering"]
 
@@ -133,7 +125,7 @@ def sequential_steering(
             "Hugging Face model; this model has none (a TransformerLens 3.x "
             "HookedTransformer?). Use a TransformerBridge, nnsight or HF model."
         )
-    tokenizer, bos = _resolve_tokenizer(info, tokenizer, chat_template, None)
+    tokenizer, bos = resolve_tokenizer(info, tokenizer, chat_template, None)
     chosen = resolve_layers(layers, info.n_layers)
     options = {
         "tokenizer": tokenizer,
@@ -218,14 +210,14 @@ def _capture_batches(
     batches = []
     for start in range(0, len(texts), batch_size):
         chunk = texts[start : start + batch_size]
-        ids = _encode(
+        ids = encode(
             chunk,
             tokenizer,
             bos=bos,
             chat_template=chat_template,
             max_length=max_length,
         )
-        tokens, mask = _pad(ids, pad_id, "right", device)
+        tokens, mask = pad(ids, pad_id, "right", device)
         captured: dict[str, Any] = {}
 
         def capture(
@@ -242,7 +234,7 @@ def _capture_batches(
             pass
         finally:
             handle.remove()
-        weights = _token_weights(mask, aggregation, texts, start, "source")
+        weights = token_weights(mask, aggregation, texts, start, "source")
         batches.append(
             _Batch(captured["hidden"], captured["kwargs"], weights, mask.unsqueeze(-1))
         )

@@ -37,6 +37,7 @@ from controllens.errors import (
     ModelError,
     VectorError,
 )
+from controllens.tokens import encode, pad, resolve_tokenizer, token_weights
 
 __all__ = ["AGGREGATIONS", "ContrastiveMeans", "contrastive_means", "mean_activations"]
 
@@ -367,94 +368,6 @@ def _check_options(
         )
 
 
-def _adds_bos(tokenizer: Any) -> bool:
-    bos = getattr(tokenizer, "bos_token_id", None)
-    ids = tokenizer("x")["input_ids"]
-    return bos is not None and bool(ids) and ids[0] == bos
-
-
-def _hf_adds_bos(tokenizer: Any, kind: str) -> bool:
-    """Whether the model's own Hugging Face tokenizer starts texts with a BOS.
-
-    A TransformerBridge swaps in a copy of the tokenizer that always adds one;
-    the original convention is read back from the tokenizer folder when it is
-    a local one (TransformerLens keeps its BOS otherwise).
-    """
-    if kind != "transformer_lens" or not _adds_bos(tokenizer):
-        return _adds_bos(tokenizer)
-    folder = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
-    if not (folder / "tokenizer_config.json").is_file():
-        return True
-    from transformers import AutoTokenizer
-
-    return _adds_bos(AutoTokenizer.from_pretrained(folder, local_files_only=True))
-
-
-def _encode(
-    texts: Sequence[str],
-    tokenizer: Any,
-    *,
-    bos: bool,
-    chat_template: bool,
-    max_length: int | None,
-) -> list[list[int]]:
-    if chat_template:
-        texts = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}],
-                tokenize=False,
-                add_generation_prompt=True,
-            )
-            for text in texts
-        ]
-    # special tokens by hand, so that every back end sees the same ids
-    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    if bos:
-        bos_id = tokenizer.bos_token_id
-        ids = [row if row[:1] == [bos_id] else [bos_id, *row] for row in ids]
-    if max_length is not None:
-        ids = [row[:max_length] for row in ids]
-    return ids
-
-
-def _pad(
-    ids: list[list[int]], pad_id: int, side: str, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    width = max(len(row) for row in ids)
-    tokens = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, row in enumerate(ids):
-        span = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
-        tokens[i, span] = torch.tensor(row, dtype=torch.long)
-        mask[i, span] = 1
-    return tokens.to(device), mask.to(device)
-
-
-def _token_weights(
-    mask: Tensor, aggregation: str, texts: Sequence[str], offset: int, side: str
-) -> Tensor:
-    """Weights [batch, pos] that turn token activations into one vector per text."""
-    positions = torch.arange(mask.shape[1], device=mask.device)
-    if aggregation == "last":
-        last = (mask * (positions + 1)).argmax(dim=-1)
-        return torch.nn.functional.one_hot(last, mask.shape[1]).to(torch.float64)
-
-    # the first real token is an attention sink whose norm is ~100x the others
-    # (DESIGN.md, SmolLM2 measurements): leave it out, and the pads
-    weights = mask.to(torch.float64)
-    first = mask.argmax(dim=-1)
-    weights[torch.arange(mask.shape[0], device=mask.device), first] = 0.0
-    counts = weights.sum(dim=-1, keepdim=True)
-    if (counts == 0).any():
-        i = int((counts[:, 0] == 0).nonzero()[0, 0])
-        raise DataError(
-            f"The {side} text {offset + i} ({texts[offset + i]!r}) has a single "
-            "token, and aggregation 'mean' leaves out the first token. Use "
-            "aggregation='last' or longer texts."
-        )
-    return weights / counts
-
-
 def _tl_forward(
     model: Any, layers: tuple[int, ...], hook_point: str, n_layers: int
 ) -> Callable[[Tensor, Tensor, Callable[[int, Tensor], None]], None]:
@@ -555,7 +468,7 @@ def _side_means(
 
     for start in range(0, len(texts), batch_size):
         batch = texts[start : start + batch_size]
-        ids = _encode(
+        ids = encode(
             batch,
             tokenizer,
             bos=bos,
@@ -567,8 +480,8 @@ def _side_means(
             raise DataError(
                 f"The {side} text {empty[0]} tokenises to no tokens; remove it."
             )
-        tokens, mask = _pad(ids, pad_id, padding_side, device)
-        weights = _token_weights(mask, aggregation, texts, start, side)
+        tokens, mask = pad(ids, pad_id, padding_side, device)
+        weights = token_weights(mask, aggregation, texts, start, side)
 
         def read(layer: int, activation: Tensor, weights: Tensor = weights) -> None:
             # one batch is reduced in (at least) float32 without a float64 copy
@@ -582,31 +495,6 @@ def _side_means(
         forward(tokens, mask, read)
         bar.update(len(batch))
     return sums / len(texts)
-
-
-def _resolve_tokenizer(
-    info: Any, tokenizer: Any, chat_template: bool, prepend_bos: bool | None
-) -> tuple[Any, bool]:
-    """The tokenizer to encode texts with, and whether to prepend a BOS."""
-    if tokenizer is None:
-        if info.tokenizer is None:
-            raise ModelError(
-                f"Expected a tokenizer for this {info.kind} model, got none: pass "
-                "tokenizer=... (load_hf returns one)."
-            )
-        tokenizer, bos = info.tokenizer, _hf_adds_bos(info.tokenizer, info.kind)
-    else:
-        bos = _adds_bos(tokenizer)
-    if chat_template:
-        bos = False
-    if prepend_bos is not None:
-        bos = prepend_bos
-    if bos and tokenizer.bos_token_id is None:
-        raise ModelError(
-            "Expected a tokenizer with a BOS token for prepend_bos=True, got one "
-            "without. Pass prepend_bos=False."
-        )
-    return tokenizer, bos
 
 
 def _prepare(
@@ -633,7 +521,7 @@ def _prepare(
         )
     info = inspect_model(model)
     chosen = resolve_layers(layers, info.n_layers)
-    tokenizer, bos = _resolve_tokenizer(info, tokenizer, chat_template, prepend_bos)
+    tokenizer, bos = resolve_tokenizer(info, tokenizer, chat_template, prepend_bos)
 
     if info.kind == "transformer_lens":
         forward = _tl_forward(model, chosen, hook_point, info.n_layers)
