@@ -14,7 +14,13 @@ import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-__all__ = ["tiny_bridge", "tiny_llama", "tiny_nnsight", "tiny_tokenizer"]
+__all__ = [
+    "tiny_bridge",
+    "tiny_config_kwargs",
+    "tiny_llama",
+    "tiny_nnsight",
+    "tiny_tokenizer",
+]
 
 _SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
 
@@ -50,16 +56,14 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def tiny_llama(
-    *, n_layers: int = 3, d_model: int = 32, seed: int = 0
-) -> LlamaForCausalLM:
-    """A random Llama causal LM with the vocabulary of :func:`tiny_tokenizer`.
+def tiny_config_kwargs(*, n_layers: int = 3, d_model: int = 32) -> dict[str, Any]:
+    """Config fields shared by the tiny models: sizes, vocabulary, special ids.
 
     Examples:
-        >>> tiny_llama().config.num_hidden_layers
-        3
+        >>> tiny_config_kwargs()["vocab_size"], tiny_config_kwargs()["hidden_size"]
+        (104, 32)
     """
-    config = LlamaConfig(
+    return dict(
         vocab_size=len(_SPECIALS) + len(set(string.printable)),
         hidden_size=d_model,
         intermediate_size=2 * d_model,
@@ -72,6 +76,18 @@ def tiny_llama(
         eos_token_id=2,
         tie_word_embeddings=False,
     )
+
+
+def tiny_llama(
+    *, n_layers: int = 3, d_model: int = 32, seed: int = 0
+) -> LlamaForCausalLM:
+    """A random Llama causal LM with the vocabulary of :func:`tiny_tokenizer`.
+
+    Examples:
+        >>> tiny_llama().config.num_hidden_layers
+        3
+    """
+    config = LlamaConfig(**tiny_config_kwargs(n_layers=n_layers, d_model=d_model))
     config.architectures = [LlamaForCausalLM.__name__]
     config._name_or_path = "tiny-llama"
     generator_state = torch.random.get_rng_state()

@@ -18,7 +18,7 @@ from transformers import (
     Qwen2MoeForCausalLM,
 )
 
-from controllens.testing import tiny_tokenizer
+from controllens.testing import tiny_config_kwargs, tiny_tokenizer
 
 __all__ = ["MOE_ARCHITECTURES", "tiny_moe", "tiny_moe_bridge", "tiny_moe_nnsight"]
 
@@ -52,20 +52,8 @@ def tiny_moe(
         >>> model.model.layers[0].mlp.experts.down_proj.shape
         torch.Size([3, 32, 64])
     """
-    common = dict(
-        vocab_size=len(tiny_tokenizer()),
-        hidden_size=d_model,
-        intermediate_size=2 * d_model,
-        num_hidden_layers=n_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-        num_experts_per_tok=top_k,
-    )
+    common = tiny_config_kwargs(n_layers=n_layers, d_model=d_model)
+    common["num_experts_per_tok"] = top_k
     if architecture == "mixtral":
         config = MixtralConfig(num_local_experts=n_experts, **common)
         cls = MixtralForCausalLM
