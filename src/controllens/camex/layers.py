@@ -239,7 +239,11 @@ class Router(nn.Module):
     def _noisy_top_k(self, pooled: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
         # noisy top-k gating (Shazeer et al. 2017, eq. 3-5)
         config = self.config
-        assert self.noise_weight is not None and config.top_k is not None
+        if self.noise_weight is None or config.top_k is None:
+            raise RuntimeError(
+                "Noisy top-k routing needs the noise weights and top_k that "
+                "Router builds from MoEConfig(router='noisy_top_k', top_k=...)."
+            )
         noisy = logits
         if self.training and config.noise_std > 0:
             scale = F.softplus(F.linear(pooled, self.noise_weight))
@@ -371,7 +375,8 @@ class _ExpertLinear(nn.Module):
         self, x: Tensor, coeffs: Tensor, previous: Tensor | None
     ) -> tuple[Tensor, Tensor]:
         """EP-CAMEx: merge on top of the previous layer's merged weights."""
-        assert self.curvature is not None
+        if self.curvature is None:
+            raise RuntimeError("EP-CAMEx needs the curvature its config builds.")
         batch, n_groups = coeffs.shape[:2]
         flat = coeffs.flatten(0, 1)
         if previous is None:
@@ -508,7 +513,11 @@ class MergedExperts(nn.Module):
         return self._mlp(x, lambda name, v: self.projections[name](v, weights, path))
 
     def _dynamic(self, x: Tensor, weights: Tensor) -> Tensor:
-        assert self.chain is not None
+        if self.chain is None:
+            raise RuntimeError(
+                "An EP-CAMEx layer runs inside an ExpertChain; upcycle() links "
+                "the chained layers."
+            )
         if self.starts_chain:
             self.chain.merged = {}
 
