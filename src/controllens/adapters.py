@@ -22,6 +22,7 @@ __all__ = [
     "ModelInfo",
     "decoder_layers",
     "inspect_model",
+    "layer_index",
     "resolve_layers",
     "tl_hook_name",
 ]
@@ -189,25 +190,44 @@ def resolve_layers(
     """
     if layers is None:
         return tuple(range(n_layers))
-    if isinstance(layers, int):
+    if isinstance(layers, numbers.Integral):
         layers = [layers]
-    resolved = set()
-    for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
-            raise TypeError(
-                f"Layer indices must be integers, got {layer!r} "
-                f"({type(layer).__name__})."
-            )
-        layer = int(layer)
-        if not -n_layers <= layer < n_layers:
-            raise LayerError(
-                f"Layer {layer} is outside the model, which has {n_layers} layers: "
-                f"use 0..{n_layers - 1}, or -{n_layers}..-1 to count from the end."
-            )
-        resolved.add(layer % n_layers)
+    resolved = {layer_index(layer, n_layers) for layer in layers}
     if not resolved:
         raise LayerError("Expected at least one layer, got an empty list.")
     return tuple(sorted(resolved))
+
+
+def layer_index(layer: int, n_layers: int | None) -> int:
+    """Check one layer index and make it non-negative.
+
+    Args:
+        layer: The index; negative counts from the end.
+        n_layers: Number of layers of the model; None when unknown, in which
+            case negative indices are refused.
+
+    Examples:
+        >>> layer_index(-1, n_layers=8), layer_index(3, n_layers=None)
+        (7, 3)
+    """
+    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+        raise TypeError(
+            f"Layer indices must be integers, got {layer!r} ({type(layer).__name__})."
+        )
+    layer = int(layer)
+    if n_layers is None:
+        if layer < 0:
+            raise LayerError(
+                f"Negative layer index {layer} needs the model's layer count to "
+                "resolve it; pass n_layers=model's layer count."
+            )
+        return layer
+    if not -n_layers <= layer < n_layers:
+        raise LayerError(
+            f"Layer {layer} is outside the model, which has {n_layers} layers: "
+            f"use 0..{n_layers - 1}, or -{n_layers}..-1 to count from the end."
+        )
+    return layer % n_layers
 
 
 def check_hook_point(hook_point: str) -> None:

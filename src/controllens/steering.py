@@ -19,7 +19,12 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from controllens.adapters import check_hook_point, inspect_model, resolve_layers
+from controllens.adapters import (
+    check_hook_point,
+    inspect_model,
+    layer_index,
+    resolve_layers,
+)
 from controllens.controllers import Gains, control_signal
 from controllens.errors import LayerError, MetadataMismatchError, VectorError
 
@@ -95,19 +100,14 @@ class Steering:
             )
         if not errors.is_floating_point():
             raise VectorError(f"Expected a floating-point tensor, got {errors.dtype}.")
-        layers = self.layers
-        if isinstance(layers, numbers.Integral):
-            layers = (layers,)
-        layers = tuple(layers)
-        for layer in layers:
-            if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
-                raise TypeError(
-                    f"Layer indices must be integers, got {layer!r} "
-                    f"({type(layer).__name__})."
-                )
-        layers = tuple(int(layer) for layer in layers)
+        given = self.layers
+        if isinstance(given, numbers.Integral):
+            given = (given,)
+        layers = [layer_index(layer, self.n_layers) for layer in given]
         if not layers:
             raise LayerError("Expected at least one steered layer, got none.")
+        if len(set(layers)) != len(layers):
+            raise LayerError(f"Each layer may appear once, got {tuple(given)}.")
         if len(layers) != errors.shape[0]:
             raise VectorError(
                 f"Expected one row of errors per layer: {len(layers)} layers, "
@@ -123,18 +123,6 @@ class Steering:
                 f"The errors of layers {bad} contain NaN or infinite values; "
                 "re-estimate them (check the data and the model's dtype)."
             )
-        if self.n_layers is None:
-            if any(k < 0 for k in layers):
-                raise LayerError(
-                    f"Negative layer indices need n_layers to resolve them, got "
-                    f"{layers}; pass n_layers=model's layer count."
-                )
-            resolved = tuple(sorted(set(layers)))
-        else:
-            resolved = resolve_layers(layers, self.n_layers)
-        normalised = [k % self.n_layers if self.n_layers else k for k in layers]
-        if len(set(normalised)) != len(normalised):
-            raise LayerError(f"Each layer may appear once, got {layers}.")
         if not isinstance(self.gains, Gains):
             raise TypeError(f"Expected gains as a Gains, got {type(self.gains)}.")
         alpha = self.alpha
@@ -151,9 +139,9 @@ class Steering:
         check_hook_point(self.hook_point)
 
         # a private copy in layer order: the caller's tensor is never aliased
-        order = sorted(range(len(layers)), key=normalised.__getitem__)
+        order = sorted(range(len(layers)), key=layers.__getitem__)
         object.__setattr__(self, "errors", errors.detach()[order].clone())
-        object.__setattr__(self, "layers", resolved)
+        object.__setattr__(self, "layers", tuple(sorted(layers)))
 
     @classmethod
     def from_means(
