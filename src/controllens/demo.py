@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,8 +129,6 @@ def _error_per_layer(
     model: Any, means: Any, steering: Steering | None, texts: tuple[str, ...]
 ) -> list[float]:
     """Norm of e(k) = mu_target(k) - mu_steered-source(k) at every layer."""
-    from contextlib import nullcontext
-
     context = steering.apply(model) if steering is not None else nullcontext()
     with context:
         steered = mean_activations(model, texts, layers=means.layers, progress=False)

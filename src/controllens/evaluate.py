@@ -8,6 +8,7 @@ reported next to every result.
 
 import logging
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,17 +175,19 @@ def generate(
             stop_at_eos=False,
             attention_mask=mask,
         )
-        if steering is None:
+        steered = (
+            nullcontext()
+            if steering is None
+            else steering.apply(model, attention_mask=mask)
+        )
+        with steered:
             out = model.generate(tokens, **kwargs)
-        else:
-            with steering.apply(model, attention_mask=mask):
-                out = model.generate(tokens, **kwargs)
         new = out[:, tokens.shape[1] :]
         # everything after the first end-of-sequence token is not scored
         alive = torch.ones_like(new)
         if eos_id is not None:
-            ended = (new == eos_id).long().cumsum(dim=1)
-            alive = ((ended == 0) | ((ended == 1) & (new == eos_id))).long()
+            is_eos = (new == eos_id).long()
+            alive = (is_eos.cumsum(dim=1) - is_eos == 0).long()
         continuation = torch.cat([torch.zeros_like(tokens), alive], dim=1)
         all_tokens.append(out)
         all_masks.append((torch.cat([mask, alive], dim=1), continuation))
