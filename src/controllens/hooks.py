@@ -6,7 +6,6 @@ activation``, so they work with ``run_with_hooks``, ``with model.hooks(...)``,
 a HookedTransformer (3.x), next to any hooks of the user's own.
 """
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -16,11 +15,9 @@ from torch import Tensor
 
 from controllens.adapters import inspect_model, tl_hook_name
 from controllens.errors import ModelError
-from controllens.steering import Steering, add_masked, position_mask
+from controllens.steering import Composed, Steering, Where
 
 __all__ = ["steering_hooks"]
-
-logger = logging.getLogger(__name__)
 
 
 class _SequenceTracker:
@@ -43,7 +40,7 @@ class _SequenceTracker:
 
     def locate(
         self, layer: int, batch: int, seq_len: int, device: torch.device
-    ) -> tuple[Tensor, Tensor, int]:
+    ) -> Where:
         seen = self._seen.get(layer, 0)
         if seq_len > 1 or layer not in self._prompt_len:
             start = 0
@@ -56,29 +53,11 @@ class _SequenceTracker:
         first_real = self._first_real
         if first_real is None or first_real.shape[0] != batch:
             first_real = torch.zeros(batch, dtype=torch.long)
-        return columns, first_real.to(device), self._prompt_len[layer]
-
-
-def _edit_for(
-    control: Float[Tensor, " d_model"], cache: dict, activation: Tensor
-) -> Tensor:
-    key = (activation.dtype, activation.device)
-    edit = cache.get(key)
-    if edit is None:
-        if key != (control.dtype, control.device):
-            logger.info(
-                "Casting the steering vector from %s on %s to %s on %s to match "
-                "the activations.",
-                control.dtype,
-                control.device,
-                *key,
-            )
-        edit = cache[key] = control.to(dtype=activation.dtype, device=activation.device)
-    return edit
+        return Where(columns, first_real.to(device), self._prompt_len[layer])
 
 
 def steering_hooks(
-    steering: Steering,
+    steering: Steering | Composed,
     model: Any,
     *,
     attention_mask: Int[Tensor, "batch pos"] | None = None,
@@ -86,7 +65,8 @@ def steering_hooks(
     """TransformerLens ``(hook_name, hook_fn)`` pairs that apply ``steering``.
 
     Args:
-        steering: What to add and where.
+        steering: What to change and where (a :class:`Steering` or several
+            composed with :func:`~controllens.steering.compose`).
         model: The TransformerBridge or HookedTransformer to steer; checked for
             width and layer count.
         attention_mask: The prompt's attention mask, needed only when
@@ -122,44 +102,28 @@ def steering_hooks(
         return []
 
     tracker = None
-    if steering.positions != "all":
+    if steering.needs_positions:
         tracker = _SequenceTracker(attention_mask)
-    controls = steering.control()
-    hooks = []
-    for layer, control in zip(steering.layers, controls, strict=True):
-        if not control.any():
-            continue
-        hooks.append(
-            (
-                tl_hook_name(steering.hook_point, layer),
-                _make_hook(layer, control, steering.positions, tracker),
-            )
-        )
-    return hooks
+    # shared by the layers of one forward pass, emptied at its first layer
+    state: dict[Any, Any] = {}
+    first = steering.layers[0]
 
+    def make_hook(layer: int) -> Callable:
+        def hook(
+            activation: Float[Tensor, "batch pos d_model"], hook: Any
+        ) -> Float[Tensor, "batch pos d_model"]:
+            if layer == first:
+                state.clear()
+            where = None
+            if tracker is not None:
+                batch, seq_len = activation.shape[:2]
+                where = tracker.locate(layer, batch, seq_len, activation.device)
+            return steering.edit(layer, activation, where, state)
 
-def _make_hook(
-    layer: int,
-    control: Float[Tensor, " d_model"],
-    positions: Any,
-    tracker: _SequenceTracker | None,
-) -> Callable:
-    cache: dict = {}
+        hook.__name__ = f"controllens_steer_layer_{layer}"
+        return hook
 
-    def hook(
-        activation: Float[Tensor, "batch pos d_model"], hook: Any
-    ) -> Float[Tensor, "batch pos d_model"]:
-        edit = _edit_for(control, cache, activation)
-        mask = None
-        if tracker is not None:
-            batch, seq_len = activation.shape[:2]
-            columns, first_real, prompt_len = tracker.locate(
-                layer, batch, seq_len, activation.device
-            )
-            mask = position_mask(
-                positions, columns=columns, first_real=first_real, prompt_len=prompt_len
-            )
-        return add_masked(activation, edit, mask)
-
-    hook.__name__ = f"controllens_steer_layer_{layer}"
-    return hook
+    return [
+        (tl_hook_name(steering.hook_point, layer), make_hook(layer))
+        for layer in steering.layers
+    ]

@@ -10,11 +10,10 @@ steer the prompt pass and every generated token. The edit is the same
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from controllens.adapters import inspect_model
 from controllens.errors import ModelError
-from controllens.steering import Steering, add_masked, position_mask
+from controllens.steering import Composed, Steering, Where
 
 __all__ = ["steer"]
 
@@ -40,11 +39,12 @@ def _generation_steps(model: Any, tracer: Any) -> int | None:
     return int(steps)
 
 
-def steer(steering: Steering, model: Any, tracer: Any | None = None) -> None:
+def steer(steering: Steering | Composed, model: Any, tracer: Any | None = None) -> None:
     """Apply ``steering`` to an nnsight model from inside a tracing context.
 
     Args:
-        steering: What to add and where.
+        steering: What to change and where (a :class:`Steering` or several
+            composed with :func:`~controllens.steering.compose`).
         model: The nnsight ``LanguageModel`` being traced.
         tracer: The tracer of a ``model.generate(...)`` block; needed to steer
             every generated token. Inside ``model.trace(...)`` it may be
@@ -83,14 +83,13 @@ def steer(steering: Steering, model: Any, tracer: Any | None = None) -> None:
 
     layers = _envoy(model, info.layers_path)
     base = _envoy(model, info.layers_path.rpartition(".")[0])
-    edits = list(zip(steering.layers, steering.control(), strict=True))
     steps = _generation_steps(model, tracer)
     sequence = _Sequence()
     if steps is None:
-        _steer_pass(steering, base, layers, edits, sequence)
+        _steer_pass(steering, base, layers, sequence)
         return
     for _ in tracer.iter[0:steps]:
-        _steer_pass(steering, base, layers, edits, sequence)
+        _steer_pass(steering, base, layers, sequence)
 
 
 class _Sequence:
@@ -100,7 +99,7 @@ class _Sequence:
         self.seen = 0
         self.prompt_len: int | None = None
 
-    def advance(self, inputs: dict[str, Any]) -> tuple[Tensor, Tensor, int]:
+    def advance(self, inputs: dict[str, Any]) -> Where:
         """Columns of this pass's tokens, each row's first real column and the
         prompt width."""
         mask = inputs.get("attention_mask")
@@ -119,24 +118,21 @@ class _Sequence:
         else:
             first_real = mask.to(torch.long).argmax(dim=1)
         columns = torch.arange(total - seq_len, total)
-        return columns, first_real, self.prompt_len
+        return Where(columns, first_real, self.prompt_len)
 
 
 def _steer_pass(
-    steering: Steering,
-    base: Any,
-    layers: Any,
-    edits: list[tuple[int, Tensor]],
-    sequence: _Sequence,
+    steering: Steering | Composed, base: Any, layers: Any, sequence: _Sequence
 ) -> None:
     """Edit every steered layer in one forward pass."""
-    located = None
-    if steering.positions != "all":
+    where = None
+    if steering.needs_positions:
         # nnsight requires reading modules in the order the forward visits
         # them: the base model's inputs come before its layers
-        located = sequence.advance(base.inputs[1])
+        where = sequence.advance(base.inputs[1])
 
-    for layer, control in edits:
+    state: dict[Any, Any] = {}
+    for layer in steering.layers:
         envoy = layers[layer]
         if steering.hook_point == "resid_pre":
             hidden = envoy.input
@@ -144,17 +140,7 @@ def _steer_pass(
             output = envoy.output
             hidden = output[0] if isinstance(output, tuple) else output
 
-        edit = control.to(dtype=hidden.dtype, device=hidden.device)
-        position = None
-        if located is not None:
-            columns, first_real, prompt_len = located
-            position = position_mask(
-                steering.positions,
-                columns=columns.to(hidden.device),
-                first_real=first_real.to(hidden.device),
-                prompt_len=prompt_len,
-            )
-        steered = add_masked(hidden, edit, position)
+        steered = steering.edit(layer, hidden, where, state)
 
         if steering.hook_point == "resid_pre":
             envoy.input = steered
