@@ -2,7 +2,9 @@
 
 Steering methods such as ActAdd and mean-difference are proportional
 controllers across layers; controllens offers P, PI, PD and PID control as
-TransformerLens hooks and nnsight interventions from one specification.
+TransformerLens hooks and nnsight interventions from one specification, for
+addition, directional ablation, mean transport, angular steering and per-token
+closed-loop feedback alike.
 The ``controllens.camex`` subpackage merges mixture-of-experts layers, from
 flat averaging to curvature-aware merging.
 """
@@ -28,12 +30,21 @@ from controllens.errors import (
 from controllens.hooks import steering_hooks
 from controllens.interventions import steer
 from controllens.models import DEFAULT_MODEL, load_bridge, load_hf, load_nnsight
+from controllens.operators import Ablate, Add, Feedback, Operator, Rotate, Transport
 from controllens.sequential import sequential_steering
-from controllens.steering import Positions, Steering
+from controllens.steering import METHODS, Composed, Positions, Steering, compose
 from controllens.vectors import ContrastiveMeans, contrastive_means, mean_activations
 
 __all__ = [
     "DEFAULT_MODEL",
+    "METHODS",
+    "Ablate",
+    "Add",
+    "Composed",
+    "Feedback",
+    "Operator",
+    "Rotate",
+    "Transport",
     "ContrastiveMeans",
     "ContrastiveTexts",
     "ControllensError",
@@ -48,6 +59,7 @@ __all__ = [
     "Positions",
     "Steering",
     "VectorError",
+    "compose",
     "contrastive_means",
     "control_signal",
     "from_texts",
