@@ -352,3 +352,65 @@ def test_an_unknown_method_names_the_valid_choices():
     torch.testing.assert_close(
         feedback.operator.setpoints, (means.mu_target[0] @ direction)[None]
     )
+
+
+@pytest.fixture(scope="module")
+def smol_means(smol_hf):
+    from controllens.data import load_labelled_tsv
+    from controllens.vectors import contrastive_means
+    from tests.conftest import data_path
+
+    model, tokenizer = smol_hf
+    data = load_labelled_tsv(data_path("sst2", "train_sample.tsv"), limit=24)
+    return contrastive_means(
+        model,
+        data,
+        tokenizer=tokenizer,
+        layers=(4, 12, 20, 28),
+        moments=True,
+        progress=False,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("method", "alpha", "extra"),
+    [
+        ("add", 0.5, {}),
+        ("pca", 0.5, {}),
+        ("ablate", 1.0, {}),
+        ("ablate_add", 0.5, {}),
+        ("transport", 0.5, {}),
+        ("rotate", 1.0, {"angle": 40.0}),
+        ("feedback", 0.5, {}),
+    ],
+)
+def test_every_method_steers_smollm2_alike_in_both_back_ends(
+    smol_bridge, smol_nnsight, smol_means, method, alpha, extra
+):
+    steering = Steering.from_means(
+        smol_means,
+        method=method,
+        gains=Gains.pid(1.0, 0.1, 0.2),
+        alpha=alpha,
+        **extra,
+    )
+    ids = smol_bridge.tokenizer(
+        ["The film was slow and", "I did not enjoy the acting, which"],
+        return_tensors="pt",
+        padding=True,
+        padding_side="left",
+    )
+    tokens, mask = ids.input_ids, ids.attention_mask
+    tl_logits = smol_bridge.run_with_hooks(
+        tokens,
+        attention_mask=mask,
+        fwd_hooks=steering.hooks(smol_bridge, attention_mask=mask),
+    )
+    clean = smol_bridge(tokens, attention_mask=mask)
+    real = mask.bool()
+    assert (tl_logits[real] - clean[real]).abs().max() > 1e-2
+    with smol_nnsight.trace(tokens, attention_mask=mask):
+        steering.intervene(smol_nnsight)
+        nn_logits = smol_nnsight.lm_head.output.save()
+    torch.testing.assert_close(nn_logits[real], tl_logits[real], atol=1e-4, rtol=0)

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -475,3 +477,258 @@ def test_a_file_that_is_not_saved_means_is_refused_and_never_executed(
     with pytest.raises(MetadataMismatchError, match="ContrastiveMeans.save"):
         ContrastiveMeans.load(path)
     assert not marker.exists()
+
+
+# moments: variances and principal axes, measured in the same pass
+
+MORE_TARGET = (*TARGET, "lovely, lovely", "so very good indeed")
+
+
+def per_text_vectors(model, tok, texts, aggregation):
+    """[layer, text, d_model] resid_pre vectors, one unpadded text at a time."""
+    rows = []
+    for text in texts:
+        hidden = hidden_states(model, tok, text)
+        rows.append(
+            torch.stack([h[-1] if aggregation == "last" else h[1:].mean(0)
+                         for h in hidden])
+        )  # fmt: skip
+    return torch.stack(rows, dim=1)
+
+
+def first_singular_vector(rows, r):
+    """Top right singular vector of each layer's [n, d_model] rows, signed along r."""
+    axis = torch.linalg.svd(rows, full_matrices=False).Vh[:, 0]
+    return axis * (axis * r).sum(-1, keepdim=True).sign()
+
+
+def brute_moments(model, tok, target, source, aggregation):
+    x_t = per_text_vectors(model, tok, target, aggregation)
+    x_s = per_text_vectors(model, tok, source, aggregation)
+    r = x_t.mean(1) - x_s.mean(1)
+    pooled = torch.cat([x_t, x_s], dim=1)
+    pairs = min(len(target), len(source))
+    return {
+        "var_target": x_t.var(dim=1, unbiased=False),
+        "var_source": x_s.var(dim=1, unbiased=False),
+        "axis_pooled": first_singular_vector(pooled - pooled.mean(1, keepdim=True), r),
+        "axis_paired": first_singular_vector(x_t[:, :pairs] - x_s[:, :pairs], r),
+    }
+
+
+def moments_of(model, tok, target=TARGET, source=SOURCE, **kwargs):
+    kwargs = dict(hook_point="resid_pre", progress=False, moments=True) | kwargs
+    return contrastive_means(
+        model, target=target, source=source, tokenizer=tok, **kwargs
+    )
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "last"])
+@pytest.mark.parametrize(
+    ("target", "source"),
+    [(TARGET, SOURCE), (MORE_TARGET, SOURCE), (SOURCE, MORE_TARGET)],
+    ids=["equal", "more-target", "more-source"],
+)
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_moments_match_a_brute_force_computation_from_per_text_vectors(
+    tiny_hf, tok, aggregation, target, source, batch_size
+):
+    means = moments_of(
+        tiny_hf, tok, target, source, aggregation=aggregation, batch_size=batch_size
+    )
+    expected = brute_moments(tiny_hf, tok, target, source, aggregation)
+    for name, value in expected.items():
+        ours = getattr(means, name)
+        assert ours.dtype == torch.float32 and ours.shape == (3, 32), name
+        torch.testing.assert_close(ours.double(), value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_pairs_are_index_aligned_and_stop_at_the_shorter_side(tiny_hf, tok):
+    # the two extra target texts have no partner: dropping them changes nothing
+    more = moments_of(tiny_hf, tok, MORE_TARGET, SOURCE, batch_size=3)
+    equal = moments_of(tiny_hf, tok, TARGET, SOURCE, batch_size=3)
+    torch.testing.assert_close(more.axis_paired, equal.axis_paired)
+    # pairing target i with source i + 1 instead gives another axis
+    rolled = moments_of(tiny_hf, tok, TARGET, SOURCE[1:] + SOURCE[:1], batch_size=3)
+    assert (rolled.axis_paired - equal.axis_paired).abs().max() > 1e-2
+    # ... while the pooled statistics ignore the order of the texts
+    torch.testing.assert_close(rolled.axis_pooled, equal.axis_pooled)
+    torch.testing.assert_close(rolled.var_source, equal.var_source)
+
+
+def test_moments_leave_the_means_bit_identical(tiny_hf, tok):
+    from controllens.vectors import mean_activations
+
+    kwargs = dict(aggregation="mean", batch_size=3, layers=[0, 2])
+    plain = means_of(tiny_hf, tok, **kwargs)
+    with_moments = means_of(tiny_hf, tok, moments=True, **kwargs)
+    for name in ("mu_target", "mu_source"):
+        assert torch.equal(getattr(plain, name), getattr(with_moments, name))
+    # and equal to one side measured on its own, as before the sides alternated
+    alone = mean_activations(tiny_hf, SOURCE, tokenizer=tok, progress=False, **kwargs)
+    assert torch.equal(plain.mu_source, alone)
+    assert plain.var_target is plain.axis_pooled is plain.axis_paired is None
+    assert not plain.has_moments and with_moments.has_moments
+
+
+def test_axes_are_unit_and_signed_along_r(tiny_hf, tok):
+    means = moments_of(tiny_hf, tok, MORE_TARGET, SOURCE, aggregation="last")
+    for name in ("axis_pooled", "axis_paired"):
+        axis = getattr(means, name)
+        torch.testing.assert_close(axis.norm(dim=-1), torch.ones(3))
+        assert ((axis * means.r).sum(-1) > 0).all(), name
+
+
+def test_one_text_per_side_gives_zero_variance_and_axes_along_r(tiny_hf, tok):
+    means = moments_of(tiny_hf, tok, ["so good"], ["so bad"], hook_point="resid_post")
+    assert means.var_target.abs().max() == 0 and means.var_source.abs().max() == 0
+    # one pair, and two pooled texts: both axes are r / |r|
+    direction = means.r / means.r.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(means.axis_paired, direction, rtol=0, atol=1e-5)
+    torch.testing.assert_close(means.axis_pooled, direction, rtol=0, atol=1e-5)
+
+
+def test_identical_sides_warn_that_the_paired_axis_is_arbitrary(tiny_hf, tok):
+    with pytest.warns(UserWarning, match=r"axis_paired is not unique at layers"):
+        means = moments_of(tiny_hf, tok, TARGET, TARGET, batch_size=2)
+    assert means.r.abs().max() == 0
+    # still a unit vector, its largest entry positive (r gives no sign)
+    axis = means.axis_paired
+    torch.testing.assert_close(axis.norm(dim=-1), torch.ones(3))
+    largest = axis.gather(-1, axis.abs().argmax(-1, keepdim=True))
+    assert (largest > 0).all()
+
+
+def test_pca_r_is_r_projected_on_the_paired_axis(tiny_hf, tok):
+    means = moments_of(tiny_hf, tok, aggregation="last")
+    axis = means.axis_paired.double()
+    r = means.r.double()
+    expected = torch.stack([(a @ v) * a for a, v in zip(axis, r, strict=True)])
+    torch.testing.assert_close(means.pca_r.double(), expected, rtol=1e-5, atol=1e-6)
+    # the projection never exceeds r, and it is along r's side of the axis
+    assert (means.pca_r.norm(dim=-1) <= means.r.norm(dim=-1) * (1 + 1e-6)).all()
+    assert ((means.pca_r * means.r).sum(-1) >= 0).all()
+
+
+def test_pca_r_without_moments_says_how_to_get_them(tiny_hf, tok):
+    means = means_of(tiny_hf, tok, layers=[0])
+    with pytest.raises(VectorError, match=r"contrastive_means\(\.\.\., moments=Tr"):
+        _ = means.pca_r
+
+
+@pytest.mark.parametrize("kind", ["bridge", "nnsight"])
+@pytest.mark.parametrize("aggregation", ["mean", "last"])
+def test_bridge_nnsight_and_hf_moments_agree(models, tok, kind, aggregation):
+    kwargs = dict(aggregation=aggregation, batch_size=3, hook_point="resid_post")
+    reference = moments_of(models["hf"], tok, MORE_TARGET, SOURCE, **kwargs)
+    other = moments_of(models[kind], None, MORE_TARGET, SOURCE, **kwargs)
+    for name in ("var_target", "var_source", "axis_pooled", "axis_paired"):
+        torch.testing.assert_close(
+            getattr(other, name), getattr(reference, name), rtol=1e-4, atol=1e-5
+        )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(target=["good"], source=[]), DataError, "at least one source"),
+        (dict(target=[], source=["bad"]), DataError, "at least one target"),
+        (dict(target=["good"]), DataError, "no source"),
+        (
+            dict(target=["ok", "fine"], source=["bad", "x"], prepend_bos=False),
+            DataError,
+            "source text 1 .*single token",
+        ),
+    ],
+    ids=["no-source", "no-target", "source-missing", "single-token"],
+)
+def test_bad_input_with_moments_is_refused_as_clearly(
+    tiny_hf, tok, kwargs, error, match
+):
+    kwargs = dict(moments=True) | kwargs
+    with pytest.raises(error, match=match):
+        contrastive_means(tiny_hf, tokenizer=tok, progress=False, **kwargs)
+
+
+def toy_moments(**changes):
+    axis = torch.zeros(3, 4)
+    axis[:, 0] = 1.0
+    fields = dict(
+        var_target=torch.ones(3, 4),
+        var_source=torch.full((3, 4), 2.0),
+        axis_pooled=axis,
+        axis_paired=axis.roll(1, dims=1),
+    )
+    return toy_means(**(fields | changes))
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        (dict(var_target=-torch.ones(3, 4)), r"var_target to hold variances >= 0"),
+        (dict(axis_pooled=torch.ones(3, 4)), r"axis_pooled to hold unit rows"),
+        (
+            dict(var_source=torch.tensor([[0.0] * 4, [float("nan")] * 4, [0.0] * 4])),
+            r"finite values in var_source.*layers \[2\]",
+        ),
+        (dict(layers=(0, 2)), r"shape \(layer, d_model\) = \(2, 4\)"),
+    ],
+    ids=["negative-variance", "axis-not-unit", "nan", "rows"],
+)
+def test_inconsistent_moments_are_refused(changes, match):
+    with pytest.raises(VectorError, match=match):
+        toy_moments(**changes)
+
+
+def test_save_and_load_round_trip_with_moments(tmp_path):
+    means = toy_moments()
+    path = means.save(tmp_path / "means.safetensors")
+    loaded = ContrastiveMeans.load(path)
+    for name in ("mu_target", "var_target", "var_source", "axis_pooled",
+                 "axis_paired"):  # fmt: skip
+        assert torch.equal(getattr(loaded, name), getattr(means, name)), name
+    assert loaded.metadata() == means.metadata()
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata()["format"] == "controllens.contrastive_means/2"
+
+
+def test_saved_measured_moments_load_for_their_model(tiny_hf, tok, tmp_path):
+    means = moments_of(tiny_hf, tok, layers=[1, 2])
+    loaded = ContrastiveMeans.load(means.save(tmp_path / "m.safetensors"), tiny_hf)
+    assert torch.equal(loaded.pca_r, means.pca_r)
+    assert torch.equal(loaded.var_source, means.var_source)
+
+
+def test_means_without_moments_keep_the_first_file_format(tmp_path):
+    path = toy_means().save(tmp_path / "means.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata()["format"] == "controllens.contrastive_means/1"
+        assert set(f.keys()) == {"mu_target", "mu_source"}
+    loaded = ContrastiveMeans.load(path)
+    assert not loaded.has_moments and loaded.axis_paired is None
+
+
+def test_a_file_of_an_unknown_format_version_is_refused(tmp_path):
+    path = tmp_path / "future.safetensors"
+    means = toy_means()
+    header = {key: json.dumps(value) for key, value in means.metadata().items()}
+    header["format"] = "controllens.contrastive_means/3"
+    save_file({"mu_target": means.mu_target, "mu_source": means.mu_source},
+              str(path), metadata=header)  # fmt: skip
+    with pytest.raises(MetadataMismatchError, match="got format '.*/3'"):
+        ContrastiveMeans.load(path)
+
+
+@pytest.mark.slow
+def test_paired_axis_follows_r_in_the_middle_layers_of_smollm2(smol_hf):
+    model, tokenizer = smol_hf
+    data = load_labelled_tsv(data_path("sst2", "train_sample.tsv"), limit=50)
+    means = contrastive_means(
+        model, data, tokenizer=tokenizer, moments=True, progress=False
+    )
+    cosine = (means.axis_paired * means.r).sum(-1) / means.r.norm(dim=-1)
+    # measured 0.78-0.90 at layers 11-20 (and 0.08-0.18 at layers 2-9), where a
+    # random direction of width 576 gives about 0.04; SST-2 texts are unpaired,
+    # so the pairs are arbitrary and the paired axis is nearly the pooled one
+    assert (cosine[11:21] > 0.7).all(), cosine
+    torch.testing.assert_close(means.pca_r.norm(dim=-1), cosine * means.r.norm(dim=-1))

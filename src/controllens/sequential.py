@@ -1,21 +1,22 @@
-"""Sequential (closed-loop) estimation of the error signal r(k).
+"""Sequential (closed-loop) estimation of the error signal r(k), for every method.
 
 Non-sequential estimation measures every r(k) on clean activations. Sequential
-estimation, as in Mean-AcT and the paper's PID-AcT, measures r(k) on source
-activations already steered at the earlier layers:
+estimation, as in Mean-AcT and the paper's PID-AcT, measures r(k) (and, for
+the transport, rotation and PCA methods, the variances and principal axes) on
+source activations already steered at the earlier layers:
 
-    r(k) = mu_target(k) - mean_x[ h_k(x; u(k0), ..., u(k-1)) ]
+    r(k) = mu_target(k) - mean_x[ h_k(x; steered at k0, ..., k-1) ]
 
-so each layer corrects what the earlier pushes left over. The reference code
+so each layer corrects what the earlier edits left over. The reference code
 runs one forward pass over the data per steered layer. :func:`sequential_steering`
 instead sweeps the data through the model one layer at a time, holding every
 text's hidden state between layers: one forward's worth of compute in all, at
-the price of keeping the source activations of one layer in memory.
+the price of keeping one layer's activations of the texts in memory.
 """
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -28,16 +29,28 @@ from controllens.adapters import (
     inspect_model,
     resolve_layers,
 )
-from controllens.controllers import Gains, LayerController
+from controllens.controllers import Gains
 from controllens.data import ContrastiveTexts
 from controllens.errors import ModelError
-from controllens.steering import Positions, Steering
+from controllens.steering import METHODS, Positions, Steering, Where
 from controllens.tokens import encode, pad, resolve_tokenizer, token_weights
-from controllens.vectors import _check_options, _coerce_data, _hf_forward, _side_means
+from controllens.vectors import (
+    ContrastiveMeans,
+    _batches,
+    _check_options,
+    _coerce_data,
+    _hf_forward,
+    _Moments,
+    _side_means,
+)
 
 __all__ = ["sequential_steering"]
 
 logger = logging.getLogger(__name__)
+
+# the methods whose operators need variances or principal axes
+_MOMENT_METHODS = ("pca", "transport", "rotate")
+_STRATEGIES = ("sweep", "per_layer")
 
 
 class _Captured(Exception):
@@ -50,6 +63,18 @@ class _Batch:
     layer_kwargs: dict[str, Any]
     weights: Tensor
     mask: Tensor
+    state: dict[Any, Any] = field(default_factory=dict)
+
+    def vectors(self) -> Tensor:
+        """One float64 vector per text (the aggregation's token weights)."""
+        return torch.einsum("bpd,bp->bd", self.hidden.to(torch.float64), self.weights)
+
+    def where(self) -> Where:
+        """Right-padded rows: every text starts at column 0."""
+        batch, width = self.hidden.shape[:2]
+        columns = torch.arange(width, device=self.hidden.device)
+        first = torch.zeros(batch, dtype=torch.long, device=self.hidden.device)
+        return Where(columns, first, width)
 
 
 def sequential_steering(
@@ -60,23 +85,27 @@ def sequential_steering(
     source: Sequence[str] | None = None,
     tokenizer: Any = None,
     layers: int | Sequence[int] | None = None,
+    method: str = "add",
     gains: Gains | None = None,
     alpha: float = 1.0,
+    angle: float | None = None,
+    one_sided: bool = True,
     positions: Positions = "all",
     hook_point: str = "resid_post",
     aggregation: str = "mean",
     batch_size: int = 16,
     chat_template: bool = False,
     max_length: int | None = None,
-    method: Literal["sweep", "per_layer"] = "sweep",
+    strategy: Literal["sweep", "per_layer"] = "sweep",
     progress: bool = True,
 ) -> Steering:
-    """Estimate r(k) sequentially and return the steering that uses it.
+    """Estimate the steering of any method sequentially, layer after layer.
 
-    During estimation every real token of the source texts is steered with
-    ``alpha * u(j)`` at each earlier steered layer j, where u is the PID
-    signal of the errors measured so far; the returned :class:`Steering`
-    recomputes exactly that signal from its errors.
+    During estimation every real token of the source texts is edited at each
+    earlier steered layer j by the steering built from the statistics measured
+    so far (the method's operator with the PID signal of the errors up to j);
+    the returned :class:`Steering` is built from exactly those statistics, so
+    it recomputes the same edits.
 
     Args:
         model: A TransformerBridge, nnsight LanguageModel or HF causal LM.
@@ -85,8 +114,13 @@ def sequential_steering(
         source: Texts of the behaviour to steer away from (measured steered).
         tokenizer: Needed only for a plain HF model.
         layers: Layers to steer; None for all.
+        method: The steering method, one of
+            :data:`~controllens.steering.METHODS` (see
+            :meth:`Steering.from_means`).
         gains: Controller gains; default P with Kp = 1.
         alpha: Strength used during estimation and kept in the result.
+        angle: Rotation angle in degrees for ``method="rotate"``.
+        one_sided: For ``method="feedback"``.
         positions: Token positions of the returned steering (estimation
             steers every real token).
         hook_point: ``"resid_post"`` or ``"resid_pre"``.
@@ -94,13 +128,13 @@ def sequential_steering(
         batch_size: Texts per batch.
         chat_template: Wrap texts in the tokenizer's chat template.
         max_length: Truncate texts to this many tokens.
-        method: ``"sweep"`` (one layer-by-layer pass over the data) or
+        strategy: ``"sweep"`` (one layer-by-layer pass over the data) or
             ``"per_layer"`` (one full forward pass per steered layer, the
             reference approach; slower, for checking and benchmarks).
         progress: Show a progress bar.
 
     Returns:
-        A :class:`Steering` whose errors are the sequential r(k).
+        A :class:`Steering` of the method whose statistics are sequential.
 
     Examples:
         >>> from controllens.testing import tiny_llama, tiny_tokenizer
@@ -109,14 +143,32 @@ def sequential_steering(
         ...     tokenizer=tiny_tokenizer(), gains=Gains.pi(), progress=False)
         >>> steering.layers, tuple(steering.errors.shape)
         ((0, 1, 2), (3, 32))
+        >>> sequential_steering(
+        ...     tiny_llama(), target=["so good", "lovely"], source=["bad", "awful"],
+        ...     tokenizer=tiny_tokenizer(), method="transport", alpha=0.5,
+        ...     progress=False).operator.name
+        'transport'
     """
     data = _coerce_data(data, target, source)
     check_hook_point(hook_point)
     _check_options(aggregation, batch_size, "right", max_length)
-    if method not in ("sweep", "per_layer"):
+    if method in _STRATEGIES:
         raise ValueError(
-            f"Unknown method {method!r}; valid choices: 'sweep', 'per_layer'."
+            f"method={method!r} is an estimation strategy: pass "
+            f"strategy={method!r}; method= names the steering method "
+            f"({', '.join(map(repr, METHODS))})."
         )
+    if method not in METHODS:
+        raise ValueError(
+            f"Unknown steering method {method!r}; valid choices: "
+            f"{', '.join(map(repr, METHODS))}."
+        )
+    if strategy not in _STRATEGIES:
+        raise ValueError(
+            f"Unknown strategy {strategy!r}; valid choices: 'sweep', 'per_layer'."
+        )
+    if method == "rotate" and angle is None:
+        raise ValueError("method='rotate' needs angle=, in degrees within [-180, 180].")
     gains = Gains() if gains is None else gains
     info = inspect_model(model)
     if info.hf_model is None:
@@ -135,51 +187,94 @@ def sequential_steering(
         "chat_template": chat_template,
         "max_length": max_length,
     }
+    estimate = _Estimate(
+        layers=chosen,
+        method=method,
+        settings={
+            "gains": gains,
+            "alpha": alpha,
+            "angle": angle,
+            "one_sided": one_sided,
+        },
+        fields={
+            "hook_point": hook_point,
+            "aggregation": aggregation,
+            "model_name": info.name,
+            "n_layers": info.n_layers,
+            "d_model": info.d_model,
+            "n_target": len(data.target),
+            "n_source": len(data.source),
+        },
+    )
 
+    passes = 1 if strategy == "sweep" else len(chosen)
     bar = tqdm(
-        total=len(data.target)
-        + len(data.source) * (1 if method == "sweep" else len(chosen)),
-        desc=f"sequential r(k), {method}",
+        total=len(data.target) + len(data.source) * passes,
+        desc=f"sequential {method}, {strategy}",
         disable=not progress,
         unit="text",
     )
+    run = _sweep if strategy == "sweep" else _per_layer
     with torch.inference_mode(), bar:
-        target_means = _side_means(
-            data.target,
-            "target",
-            _hf_forward(info.hf_model, chosen, hook_point),
-            layers=chosen,
-            d_model=info.d_model,
-            padding_side="right",
-            device=info.device,
-            bar=bar,
-            **options,
-        )
-        run = _sweep if method == "sweep" else _per_layer
-        errors = run(
+        run(
             info.hf_model,
-            data.source,
-            target_means,
-            layers=chosen,
-            gains=gains,
-            alpha=alpha,
+            data,
+            estimate,
             hook_point=hook_point,
-            d_model=info.d_model,
             device=info.device,
             bar=bar,
             **options,
         )
+    return estimate.steering(positions=positions)
 
-    return Steering(
-        errors=errors.to(torch.float32).cpu(),
-        layers=chosen,
-        gains=gains,
-        alpha=alpha,
-        positions=positions,
-        hook_point=hook_point,
-        model_name=info.name,
-        n_layers=info.n_layers,
-    )
+
+class _Estimate:
+    """The statistics measured so far, layer by layer, and their steering."""
+
+    def __init__(
+        self,
+        *,
+        layers: tuple[int, ...],
+        method: str,
+        settings: dict[str, Any],
+        fields: dict[str, Any],
+    ) -> None:
+        self.layers = layers
+        self.method = method
+        self.settings = settings
+        self.fields = fields
+        self.moments = method in _MOMENT_METHODS
+        self.rows: dict[str, list[Tensor]] = {}
+        # clean target means of every steered layer [layer, d_model], filled
+        # before (or, in a sweep with moments, while) the layers are measured
+        self.target_means: Tensor | None = None
+
+    def add(self, layer: int, target: Tensor | None, source: Tensor) -> None:
+        """Record one layer from per-text vectors ``[texts, d_model]``; the
+        target's are needed only for the moments (else None)."""
+        mu_source = source.mean(dim=0)
+        mu_target = self.target_means[self.layers.index(layer)]
+        row = {"mu_target": mu_target, "mu_source": mu_source}
+        if self.moments:
+            moments = _Moments(1, source.shape[1], source.device)
+            moments.add("target", target[None])
+            moments.add("source", source[None])
+            moments.add_pairs(target[None], source[None])
+            r = (mu_target - mu_source)[None].to(torch.float32).cpu()
+            row |= {k: v[0] for k, v in moments.result(r, (layer,)).items()}
+        for name, value in row.items():
+            self.rows.setdefault(name, []).append(value.to(torch.float32).cpu())
+
+    def means(self) -> ContrastiveMeans:
+        done = len(self.rows["mu_source"])
+        tensors = {name: torch.stack(rows) for name, rows in self.rows.items()}
+        return ContrastiveMeans(layers=self.layers[:done], **tensors, **self.fields)
+
+    def steering(self, **kwargs: Any) -> Steering:
+        """The steering of the layers recorded so far."""
+        return Steering.from_means(
+            self.means(), method=self.method, **self.settings, **kwargs
+        )
 
 
 def _check_uniform_layers(hf_model: nn.Module, deepest: int) -> None:
@@ -188,13 +283,14 @@ def _check_uniform_layers(hf_model: nn.Module, deepest: int) -> None:
         raise ModelError(
             f"The layer-by-layer sweep reuses one attention mask for every layer, "
             f"but this model mixes layer types {sorted(set(types))}. Use "
-            "method='per_layer'."
+            "strategy='per_layer'."
         )
 
 
 def _capture_batches(
     hf_model: nn.Module,
     texts: Sequence[str],
+    side: str,
     *,
     tokenizer: Any,
     bos: bool,
@@ -234,129 +330,217 @@ def _capture_batches(
             pass
         finally:
             handle.remove()
-        weights = token_weights(mask, aggregation, texts, start, "source")
+        weights = token_weights(mask, aggregation, texts, start, side)
         batches.append(
             _Batch(captured["hidden"], captured["kwargs"], weights, mask.unsqueeze(-1))
         )
     return batches
 
 
-def _sweep(
+def _target_means(
     hf_model: nn.Module,
-    texts: Sequence[str],
-    target_means: Tensor,
+    data: ContrastiveTexts,
+    estimate: _Estimate,
     *,
-    layers: tuple[int, ...],
-    gains: Gains,
-    alpha: float,
     hook_point: str,
-    d_model: int,
     device: torch.device,
     bar: Any,
     **options: Any,
 ) -> Tensor:
-    """Sequential r(k) with one layer-by-layer pass over the source texts."""
+    """Clean target means of every steered layer, in one forward pass."""
+    return _side_means(
+        data.target,
+        "target",
+        _hf_forward(hf_model, estimate.layers, hook_point),
+        layers=estimate.layers,
+        d_model=estimate.fields["d_model"],
+        padding_side="right",
+        device=device,
+        bar=bar,
+        **options,
+    )
+
+
+def _sweep(
+    hf_model: nn.Module,
+    data: ContrastiveTexts,
+    estimate: _Estimate,
+    *,
+    hook_point: str,
+    device: torch.device,
+    bar: Any,
+    **options: Any,
+) -> None:
+    """Sequential statistics with one layer-by-layer pass over the texts.
+
+    The source batches are edited after each steered layer; the target
+    batches (swept alongside only when the method needs the target's per-text
+    vectors) never are.
+    """
+    layers = estimate.layers
     _check_uniform_layers(hf_model, layers[-1])
     modules = decoder_layers(hf_model)[1]
-    batches = _capture_batches(hf_model, texts, device=device, **options)
-    bar.update(len(texts))
-    controller = LayerController(gains)
-    errors = []
+    source = _capture_batches(hf_model, data.source, "source", device=device, **options)
+    bar.update(len(data.source))
+    target: list[_Batch] = []
+    if estimate.moments:
+        target = _capture_batches(
+            hf_model, data.target, "target", device=device, **options
+        )
+        bar.update(len(data.target))
+    else:
+        estimate.target_means = _target_means(
+            hf_model,
+            data,
+            estimate,
+            hook_point=hook_point,
+            device=device,
+            bar=bar,
+            **options,
+        )
 
-    def measure_and_push(row: int) -> None:
-        total = torch.zeros(d_model, dtype=torch.float64, device=device)
-        for batch in batches:
-            total += torch.einsum(
-                "bpd,bp->d", batch.hidden.to(torch.float64), batch.weights
-            )
-        error = target_means[row] - total / len(texts)
-        errors.append(error)
-        edit = (alpha * controller.step(error)).to(batches[0].hidden.dtype)
-        for batch in batches:
-            batch.hidden = torch.where(
-                batch.mask.bool(), batch.hidden + edit, batch.hidden
-            )
+    def measure_and_edit(layer: int) -> None:
+        target_vectors = None
+        if target:
+            target_vectors = torch.cat([batch.vectors() for batch in target])
+            estimate.target_means = _grow(estimate, layer, target_vectors.mean(dim=0))
+        estimate.add(
+            layer, target_vectors, torch.cat([batch.vectors() for batch in source])
+        )
+        steering = estimate.steering()
+        for batch in source:
+            edited = steering.edit(layer, batch.hidden, batch.where(), batch.state)
+            batch.hidden = torch.where(batch.mask.bool(), edited, batch.hidden)
 
-    steered = {layer: row for row, layer in enumerate(layers)}
     for layer in range(layers[-1] + 1):
-        if hook_point == "resid_pre" and layer in steered:
-            measure_and_push(steered[layer])
-        for batch in batches:
+        if hook_point == "resid_pre" and layer in layers:
+            measure_and_edit(layer)
+        for batch in (*source, *target):
             output = modules[layer](batch.hidden, **batch.layer_kwargs)
             batch.hidden = output[0] if isinstance(output, tuple) else output
-        if hook_point == "resid_post" and layer in steered:
-            measure_and_push(steered[layer])
-    return torch.stack(errors)
+        if hook_point == "resid_post" and layer in layers:
+            measure_and_edit(layer)
+
+
+def _grow(estimate: _Estimate, layer: int, mean: Tensor) -> Tensor:
+    """The target means with the row of ``layer`` filled in."""
+    means = estimate.target_means
+    if means is None:
+        means = mean.new_zeros(len(estimate.layers), mean.shape[0])
+    means[estimate.layers.index(layer)] = mean
+    return means
 
 
 def _per_layer(
     hf_model: nn.Module,
-    texts: Sequence[str],
-    target_means: Tensor,
+    data: ContrastiveTexts,
+    estimate: _Estimate,
     *,
-    layers: tuple[int, ...],
-    gains: Gains,
-    alpha: float,
     hook_point: str,
-    d_model: int,
     device: torch.device,
     bar: Any,
     **options: Any,
-) -> Tensor:
-    """Sequential r(k) with one full forward pass per steered layer."""
+) -> None:
+    """Sequential statistics with one full forward pass per steered layer."""
+    layers = estimate.layers
     modules = decoder_layers(hf_model)[1]
-    controller = LayerController(gains)
-    errors, edits = [], []
+    shared = dict(
+        d_model=estimate.fields["d_model"],
+        padding_side="right",
+        device=device,
+        **options,
+    )
+    target_vectors = None
+    if estimate.moments:
+        batches = list(
+            _batches(
+                data.target,
+                "target",
+                _hf_forward(hf_model, layers, hook_point),
+                layers=layers,
+                per_text=True,
+                **shared,
+            )
+        )
+        bar.update(len(data.target))
+        target_vectors = torch.cat([b.vectors for b in batches], dim=1)
+        estimate.target_means = target_vectors.mean(dim=1)
+    else:
+        estimate.target_means = _target_means(
+            hf_model,
+            data,
+            estimate,
+            hook_point=hook_point,
+            device=device,
+            bar=bar,
+            **options,
+        )
 
     for row, layer in enumerate(layers):
+        steering = estimate.steering() if row else None
         read = _hf_forward(hf_model, (layer,), hook_point)
 
         def forward(
-            tokens: Tensor, mask: Tensor, reader: Callable, read=read, row=row
+            tokens: Tensor, mask: Tensor, reader: Callable, read=read, steering=steering
         ) -> None:
-            handles = [
-                _register_edit(modules[k], edit, mask, hook_point)
-                for k, edit in zip(layers[:row], edits, strict=True)
-            ]
+            handles = []
+            if steering is not None:
+                state: dict[Any, Any] = {}
+                handles = [
+                    _register_edit(modules[k], k, steering, mask, hook_point, state)
+                    for k in steering.layers
+                ]
             try:
                 read(tokens, mask, reader)
             finally:
                 for handle in handles:
                     handle.remove()
 
-        mean = _side_means(
-            texts,
-            "source",
-            forward,
-            layers=(layer,),
-            d_model=d_model,
-            padding_side="right",
-            device=device,
-            bar=bar,
-            **options,
-        )[0]
-        error = target_means[row] - mean
-        errors.append(error)
-        edits.append((alpha * controller.step(error)).to(torch.float32))
-    return torch.stack(errors)
+        vectors = [
+            batch.vectors[0]
+            for batch in _batches(
+                data.source, "source", forward, layers=(layer,), per_text=True, **shared
+            )
+        ]
+        bar.update(len(data.source))
+        estimate.add(
+            layer,
+            None if target_vectors is None else target_vectors[row],
+            torch.cat(vectors),
+        )
 
 
 def _register_edit(
-    module: nn.Module, edit: Tensor, mask: Tensor, hook_point: str
+    module: nn.Module,
+    layer: int,
+    steering: Steering,
+    mask: Tensor,
+    hook_point: str,
+    state: dict[Any, Any],
 ) -> Any:
+    """A PyTorch hook that applies ``steering`` at ``layer`` to real tokens."""
     real = mask.unsqueeze(-1).bool()
+    batch, width = mask.shape
+    where = Where(
+        torch.arange(width, device=mask.device),
+        torch.zeros(batch, dtype=torch.long, device=mask.device),
+        width,
+    )
+
+    def edit(hidden: Tensor) -> Tensor:
+        if layer == steering.layers[0]:
+            state.clear()
+        return torch.where(real, steering.edit(layer, hidden, where, state), hidden)
 
     def post(module: Any, args: Any, output: Any) -> Any:
-        hidden = output[0] if isinstance(output, tuple) else output
-        steered = torch.where(real, hidden + edit.to(hidden.dtype), hidden)
-        return (steered, *output[1:]) if isinstance(output, tuple) else steered
+        if isinstance(output, tuple):
+            return (edit(output[0]), *output[1:])
+        return edit(output)
 
     def pre(module: Any, args: Any, kwargs: Any) -> Any:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        steered = torch.where(real, hidden + edit.to(hidden.dtype), hidden)
         if args:
-            return (steered, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": steered}
+            return (edit(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": edit(kwargs["hidden_states"])}
 
     if hook_point == "resid_post":
         return module.register_forward_hook(post)
