@@ -354,6 +354,53 @@ def test_an_unknown_method_names_the_valid_choices():
     )
 
 
+def test_feedback_across_tokens_carries_the_kv_cache_like_one_full_pass(
+    tiny_bridge, tiny_nnsight
+):
+    operator = Feedback(
+        layers=LAYERS, setpoints=torch.tensor([1.0, 2.0, 3.0]), token_ki=0.5
+    )
+    steering = _steering("feedback", gains=Gains.pi(0.5, 0.2)).replace(
+        operator=operator
+    )
+    with steering.apply(tiny_bridge, attention_mask=MASK):
+        generated = tiny_bridge.generate(
+            TOKENS,
+            attention_mask=MASK,
+            max_new_tokens=5,
+            do_sample=False,
+            verbose=False,
+            stop_at_eos=False,
+        )
+    # one steered pass over the whole sequence: the same memory, as a cumsum
+    full_mask = torch.cat([MASK, torch.ones(2, 5, dtype=MASK.dtype)], dim=1)
+    logits = tiny_bridge.run_with_hooks(
+        generated[:, :-1],
+        attention_mask=full_mask[:, :-1],
+        fwd_hooks=steering.hooks(tiny_bridge, attention_mask=full_mask[:, :-1]),
+    )
+    width = TOKENS.shape[1]
+    assert logits[:, width - 1 :].argmax(-1).tolist() == generated[:, width:].tolist()
+    without = steering.replace(
+        operator=Feedback(layers=LAYERS, setpoints=torch.tensor([1.0, 2.0, 3.0]))
+    )
+    with without.apply(tiny_bridge, attention_mask=MASK):
+        plain = tiny_bridge(TOKENS, attention_mask=MASK)
+    with steering.apply(tiny_bridge, attention_mask=MASK):
+        memory = tiny_bridge(TOKENS, attention_mask=MASK)
+    assert not torch.allclose(plain[:, -1], memory[:, -1])
+    nn_tokens = _nnsight_generate(tiny_nnsight, steering, 5)
+    for nn_row, tl_row in zip(nn_tokens.tolist(), generated.tolist(), strict=True):
+        end = tl_row.index(2, width) + 1 if 2 in tl_row[width:] else len(tl_row)
+        assert nn_row[:end] == tl_row[:end]
+
+
+@pytest.mark.parametrize("token_ki", [-1.0, math.inf])
+def test_a_negative_or_infinite_token_gain_is_refused(token_ki):
+    with pytest.raises(ValueError, match="token_ki"):
+        Feedback(layers=(0,), setpoints=torch.ones(1), token_ki=token_ki)
+
+
 @pytest.fixture(scope="module")
 def smol_means(smol_hf):
     from controllens.data import load_labelled_tsv

@@ -104,20 +104,25 @@ def steering_hooks(
     tracker = None
     if steering.needs_positions:
         tracker = _SequenceTracker(attention_mask)
-    # shared by the layers of one forward pass, emptied at its first layer
+    # shared by the layers of one forward pass, emptied at its first layer;
+    # the memory lasts while one sequence is continued from the KV cache
     state: dict[Any, Any] = {}
+    memory: dict[Any, Any] = {}
     first = steering.layers[0]
 
     def make_hook(layer: int) -> Callable:
         def hook(
             activation: Float[Tensor, "batch pos d_model"], hook: Any
         ) -> Float[Tensor, "batch pos d_model"]:
-            if layer == first:
-                state.clear()
             where = None
             if tracker is not None:
                 batch, seq_len = activation.shape[:2]
                 where = tracker.locate(layer, batch, seq_len, activation.device)
+            if layer == first:
+                state.clear()
+                if where is None or where.columns[0] == 0:
+                    memory.clear()  # a new sequence
+                state["memory"] = memory
             return steering.edit(layer, activation, where, state)
 
         hook.__name__ = f"controllens_steer_layer_{layer}"

@@ -85,11 +85,13 @@ def steer(steering: Steering | Composed, model: Any, tracer: Any | None = None) 
     base = _envoy(model, info.layers_path.rpartition(".")[0])
     steps = _generation_steps(model, tracer)
     sequence = _Sequence()
+    # kept across the passes of one generation (see Steering.edit)
+    memory: dict[Any, Any] = {}
     if steps is None:
-        _steer_pass(steering, base, layers, sequence)
+        _steer_pass(steering, base, layers, sequence, memory)
         return
     for _ in tracer.iter[0:steps]:
-        _steer_pass(steering, base, layers, sequence)
+        _steer_pass(steering, base, layers, sequence, memory)
 
 
 class _Sequence:
@@ -122,7 +124,11 @@ class _Sequence:
 
 
 def _steer_pass(
-    steering: Steering | Composed, base: Any, layers: Any, sequence: _Sequence
+    steering: Steering | Composed,
+    base: Any,
+    layers: Any,
+    sequence: _Sequence,
+    memory: dict[Any, Any],
 ) -> None:
     """Edit every steered layer in one forward pass."""
     where = None
@@ -131,7 +137,7 @@ def _steer_pass(
         # them: the base model's inputs come before its layers
         where = sequence.advance(base.inputs[1])
 
-    state: dict[Any, Any] = {}
+    state: dict[Any, Any] = {"memory": memory}
     for layer in steering.layers:
         envoy = layers[layer]
         if steering.hook_point == "resid_pre":

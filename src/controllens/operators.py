@@ -445,11 +445,18 @@ class Feedback(Operator):
     at 0) instead of being pushed back. The first real token of each text (an
     attention sink with a huge norm) is never steered.
 
+    With ``token_ki > 0`` the loop also runs across the tokens of a sequence:
+    each token's push at layer k gains ``token_ki`` times the sum of the errors
+    of the earlier tokens of its sequence at that layer (an integral over
+    time, carried through the KV cache during generation). Padding is assumed
+    on the left, as generation requires.
+
     Attributes:
         layers: The layers of the rows of ``setpoints``.
         setpoints: The target projection s(k) of each layer; by default the
             target mean's projection, ``d_k . mu_target(k)``.
         one_sided: Only push tokens that fall short of the set-point.
+        token_ki: Integral gain across earlier tokens of the sequence.
 
     Examples:
         >>> from controllens.steering import Steering
@@ -469,8 +476,20 @@ class Feedback(Operator):
     layers: tuple[int, ...]
     setpoints: Float[Tensor, " layer"] = field(repr=False)
     one_sided: bool = True
+    token_ki: float = 0.0
 
     def __post_init__(self) -> None:
+        token_ki = self.token_ki
+        if (
+            isinstance(token_ki, bool)
+            or not isinstance(token_ki, numbers.Real)
+            or not math.isfinite(token_ki)
+            or token_ki < 0
+        ):
+            raise ValueError(
+                f"Expected token_ki a finite number >= 0, got {token_ki!r}."
+            )
+        object.__setattr__(self, "token_ki", float(token_ki))
         layers = tuple(int(layer) for layer in self.layers)
         setpoints = self.setpoints
         if setpoints.ndim != 1 or setpoints.shape[0] != len(layers):
@@ -509,14 +528,29 @@ class Feedback(Operator):
         error = setpoint - activation.to(d.dtype) @ d
         if self.one_sided:
             error = error.clamp_min(0)
-        first = state.get("first")
-        if first is not None:
-            error = error.masked_fill(first.to(error.device), 0)
+        for ignored in ("first", "pad"):
+            if state.get(ignored) is not None:
+                error = error.masked_fill(state[ignored].to(error.device), 0)
         controller = state.get("controller")
         if controller is None:
             controller = state["controller"] = LayerController(steering.gains)
         push = controller.step(error.unsqueeze(-1))
+        if self.token_ki:
+            push = push + self.token_ki * self._earlier_errors(layer, error, state)
         return activation + _like(steering.alpha * push * d, activation)
+
+    def _earlier_errors(
+        self, layer: int, error: Float[Tensor, "*batch pos"], state: dict[Any, Any]
+    ) -> Float[Tensor, "*batch pos 1"]:
+        """Sum of the errors of each token's earlier tokens at ``layer``,
+        including those of earlier forward passes of the same sequences."""
+        memory = state.setdefault("memory", {})
+        carried = memory.get(layer)
+        if carried is None or carried.shape != error.shape[:-1]:
+            carried = error.new_zeros(error.shape[:-1])
+        earlier = error.cumsum(dim=-1) - error + carried[..., None]
+        memory[layer] = carried + error.sum(dim=-1)
+        return earlier.unsqueeze(-1)
 
 
 #: Operators by method name; ``"pca"`` is :class:`Add` on the PCA / RepE

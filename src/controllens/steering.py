@@ -248,6 +248,7 @@ class Steering(_BackEnds):
         method: str = "add",
         angle: float | None = None,
         one_sided: bool = True,
+        token_ki: float = 0.0,
         **kwargs: Any,
     ) -> "Steering":
         """Steer with the error signal of contrastive means, by any method.
@@ -267,6 +268,8 @@ class Steering(_BackEnds):
             angle: Rotation angle in degrees for ``"rotate"``.
             one_sided: For ``"feedback"``: push only tokens short of the
                 set-point (the target mean's projection).
+            token_ki: For ``"feedback"``: integral gain across the earlier
+                tokens of each sequence.
             **kwargs: Other :class:`Steering` fields (gains, alpha, positions).
 
         Examples:
@@ -309,7 +312,14 @@ class Steering(_BackEnds):
                 "method='rotate' needs angle=, in degrees within [-180, 180]."
             )
         operator = _method_operator(
-            method, means, rows, chosen, errors, angle=angle, one_sided=one_sided
+            method,
+            means,
+            rows,
+            chosen,
+            errors,
+            angle=angle,
+            one_sided=one_sided,
+            token_ki=token_ki,
         )
         return cls(
             errors=errors,
@@ -361,7 +371,9 @@ class Steering(_BackEnds):
             activation: Its activation at the steering's hook point.
             where: The tokens' positions, when :attr:`needs_positions`.
             state: Shared by the layers of one forward pass, empty at its
-                first steered layer.
+                first steered layer but for ``state["memory"]``, which the
+                back ends keep across the passes of one sequence (the KV-cache
+                steps of a generation).
 
         Examples:
             >>> steering = Steering(errors=torch.ones(1, 4), layers=(3,), alpha=2.0)
@@ -374,6 +386,7 @@ class Steering(_BackEnds):
             first_real = where.first_real.to(activation.device)
             if self.operator.needs_positions:
                 state["first"] = columns[None, :] == first_real[:, None]
+                state["pad"] = columns[None, :] < first_real[:, None]
             mask = position_mask(
                 self.positions,
                 columns=columns,
@@ -465,6 +478,7 @@ def _method_operator(
     *,
     angle: float | None,
     one_sided: bool,
+    token_ki: float,
 ) -> Operator:
     """The operator of a method, with its per-layer data from ``means``."""
     if method in ("add", "caa", "pca"):
@@ -486,7 +500,9 @@ def _method_operator(
     norms = errors.norm(dim=-1, keepdim=True)
     directions = errors / norms.clamp_min(torch.finfo(errors.dtype).tiny)
     setpoints = (means.mu_target[rows] * directions).sum(dim=-1)
-    return Feedback(layers=layers, setpoints=setpoints, one_sided=one_sided)
+    return Feedback(
+        layers=layers, setpoints=setpoints, one_sided=one_sided, token_ki=token_ki
+    )
 
 
 _COMPOSE_MODES = ("sum", "sequence")
@@ -586,6 +602,8 @@ class Composed(_BackEnds):
             if layer not in member.layers or member.is_identity:
                 continue
             own = state.setdefault(index, {})
+            if "memory" in state:
+                own["memory"] = state["memory"].setdefault(index, {})
             if self.mode == "sequence":
                 steered = member.edit(layer, steered, where, own)
             else:
