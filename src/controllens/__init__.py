@@ -17,6 +17,13 @@ from controllens.data import (
     load_labelled_tsv,
     sst2_prompts,
 )
+from controllens.dynamics import (
+    ErrorDynamics,
+    StabilityWarning,
+    check_gains,
+    error_dynamics,
+    plot_error_dynamics,
+)
 from controllens.errors import (
     ControllensError,
     DataError,
@@ -49,6 +56,7 @@ __all__ = [
     "ContrastiveTexts",
     "ControllensError",
     "DataError",
+    "ErrorDynamics",
     "Gains",
     "HookPointError",
     "LayerController",
@@ -57,10 +65,13 @@ __all__ = [
     "MetadataMismatchError",
     "ModelError",
     "Positions",
+    "StabilityWarning",
     "Steering",
     "VectorError",
+    "check_gains",
     "compose",
     "contrastive_means",
+    "error_dynamics",
     "control_signal",
     "from_texts",
     "load_bridge",
@@ -69,6 +80,7 @@ __all__ = [
     "load_labelled_tsv",
     "load_nnsight",
     "mean_activations",
+    "plot_error_dynamics",
     "sequential_steering",
     "sst2_prompts",
     "steer",
