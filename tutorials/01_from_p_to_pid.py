@@ -283,13 +283,53 @@ print("same tokens:", torch.equal(nnsight_out[0, : bridge_out.shape[1]].cpu(),
                                   bridge_out[0]))
 
 # %% [markdown]
+# ## 6. The same controllers inside other steering methods
+#
+# Addition is one way for u(k) to enter the activation. Directional ablation
+# removes the component along u(k); mean transport (Mean-AcT) maps each
+# dimension of the source distribution onto the target's; angular steering
+# turns each activation in the plane of u(k) and a second axis; feedback
+# measures each token's own projection during the pass and pushes it towards
+# the target's. Each is an operator of the same `Steering`, so P, PI, PD and
+# PID apply to all of them, in both back ends. The transport and the rotation
+# need per-dimension variances and a principal axis: measure the means with
+# `moments=True`.
+
+# %%
+full = contrastive_means(bridge, data, moments=True, progress=False)
+pid = Gains.pid(kp=1.0, ki=0.02, kd=0.5)
+methods = {
+    "add": Steering.from_means(full, gains=pid, alpha=0.1),
+    "transport": Steering.from_means(full, method="transport", gains=pid, alpha=0.1),
+    "rotate": Steering.from_means(full, method="rotate", angle=10.0, gains=pid),
+    "feedback": Steering.from_means(full, method="feedback", gains=Gains.p(1.0),
+                                    alpha=0.1),
+}
+for name, steering in methods.items():
+    out = generate(bridge, prompts[:8], steering, max_new_tokens=20, progress=False)
+    positive = scorer.positive(out.texts)
+    print(f"{name:>9}: positive rate {sum(positive) / len(positive):.2f}, "
+          f"perplexity {continuation_perplexity(bridge, out).mean().item():.1f}, "
+          f"{out.texts[0]!r}")
+
+# %% [markdown]
+# Eight prompts only show that each method runs and moves the text; compare
+# methods with `benchmarks/pid_vs_p.py` and `benchmarks/feedback_control.py`,
+# on more prompts and seeds. On SmolLM2 the per-token feedback did *not*
+# reach the target projection more cheaply than a fixed push (the
+# measurement is in `benchmarks/README.md`).
+
+# %% [markdown]
 # ## Where to go from here
 #
 # - `positions="generated"` steers only the new tokens, leaving the prompt's
 #   activations as they were.
-# - `sequential_steering(model, data, gains=...)` measures `r(k)` on source
-#   activations already steered at the earlier layers (the paper's PID-AcT is
-#   sequential).
+# - `sequential_steering(model, data, method=..., gains=...)` measures `r(k)`
+#   (and the transport's variances) on source activations already steered at
+#   the earlier layers (the paper's PID-AcT is
+#   `sequential_steering(model, data, method="transport", gains=...)`).
+# - `controllens.dynamics.error_dynamics` measures the remaining error e(k)
+#   of P, PI, PD and PID and predicts it from the linearised loop.
 # - The [concepts page](../concepts/steering-as-control.md) explains why the
 #   residual stream turns open-loop PID into reweighted P.
 
