@@ -461,3 +461,51 @@ def test_every_method_steers_smollm2_alike_in_both_back_ends(
         steering.intervene(smol_nnsight)
         nn_logits = smol_nnsight.lm_head.output.save()
     torch.testing.assert_close(nn_logits[real], tl_logits[real], atol=1e-4, rtol=0)
+
+
+def test_one_token_prompts_after_a_generation_in_one_apply_block_start_afresh(
+    tiny_bridge,
+):
+    # the KV cache's length, not the call's width, says where a sequence starts
+    steering = _steering("add", positions="prompt")
+    options = dict(max_new_tokens=3, do_sample=False, verbose=False)
+    prompt = torch.tensor([[1]])
+    with steering.apply(tiny_bridge):
+        fresh = tiny_bridge(prompt)
+    with steering.apply(tiny_bridge):
+        tiny_bridge.generate(TOKENS[:1], stop_at_eos=False, **options)
+        reused = tiny_bridge(prompt)
+    assert torch.equal(fresh, reused)
+    assert not torch.equal(fresh, tiny_bridge(prompt))
+
+
+def test_a_transport_from_a_source_without_spread_is_refused(tiny_hf):
+    from controllens.testing import tiny_tokenizer
+    from controllens.vectors import contrastive_means
+
+    means = contrastive_means(
+        tiny_hf,
+        target=["so good", "lovely"],
+        source=["awful film"],
+        tokenizer=tiny_tokenizer(),
+        moments=True,
+        progress=False,
+    )
+    with pytest.raises(VectorError, match="no spread"):
+        Steering.from_means(means, method="transport")
+
+
+def test_feedback_across_tokens_acts_even_with_zero_layer_gains():
+    operator = Feedback(layers=(0,), setpoints=torch.ones(1), token_ki=0.5)
+    steering = Steering(
+        errors=torch.ones(1, 4), layers=(0,), gains=Gains(kp=0.0), operator=operator
+    )
+    assert not steering.is_identity
+
+
+def test_operators_reuse_what_they_derive_per_layer():
+    steering = _steering("rotate", gains=Gains.p(1.0))
+    x = _random(1, 3, D_MODEL, seed=4)
+    first = steering.edit(1, x, None, {})
+    assert any(key[0] == "rotate" for key in steering._derived)
+    torch.testing.assert_close(steering.edit(1, x, None, {}), first)

@@ -556,6 +556,17 @@ def test_pairs_are_index_aligned_and_stop_at_the_shorter_side(tiny_hf, tok):
     torch.testing.assert_close(rolled.var_source, equal.var_source)
 
 
+def test_paired_axis_ignores_which_side_of_a_pair_is_which(tiny_hf, tok):
+    # uncentred (RepE): swapping target[i] and source[i] flips d_i, not d_i d_i^T
+    swapped_target = (SOURCE[0], TARGET[1], SOURCE[2], TARGET[3])
+    swapped_source = (TARGET[0], SOURCE[1], TARGET[2], SOURCE[3])
+    means = moments_of(tiny_hf, tok, batch_size=1)
+    swapped = moments_of(tiny_hf, tok, swapped_target, swapped_source, batch_size=1)
+    cosine = (means.axis_paired * swapped.axis_paired).sum(-1).abs()
+    torch.testing.assert_close(cosine, torch.ones(3))
+    assert (swapped.r - means.r).abs().max() > 1e-2
+
+
 def test_moments_leave_the_means_bit_identical(tiny_hf, tok):
     from controllens.vectors import mean_activations
 
@@ -720,15 +731,54 @@ def test_a_file_of_an_unknown_format_version_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_paired_axis_follows_r_in_the_middle_layers_of_smollm2(smol_hf):
+def test_moments_match_per_text_vectors_on_smollm2(smol_hf):
     model, tokenizer = smol_hf
-    data = load_labelled_tsv(data_path("sst2", "train_sample.tsv"), limit=50)
+    data = load_labelled_tsv(data_path("sst2", "train_sample.tsv"), limit=20)
     means = contrastive_means(
-        model, data, tokenizer=tokenizer, moments=True, progress=False
+        model, data, tokenizer=tokenizer, layers=[15], hook_point="resid_pre",
+        moments=True, batch_size=8, progress=False,
+    )  # fmt: skip
+    x_t, x_s = (
+        per_text_vectors(model, tokenizer, texts, "mean")[15:16]
+        for texts in (data.target, data.source)
     )
-    cosine = (means.axis_paired * means.r).sum(-1) / means.r.norm(dim=-1)
-    # measured 0.78-0.90 at layers 11-20 (and 0.08-0.18 at layers 2-9), where a
-    # random direction of width 576 gives about 0.04; SST-2 texts are unpaired,
-    # so the pairs are arbitrary and the paired axis is nearly the pooled one
-    assert (cosine[11:21] > 0.7).all(), cosine
-    torch.testing.assert_close(means.pca_r.norm(dim=-1), cosine * means.r.norm(dim=-1))
+    r = x_t.mean(1) - x_s.mean(1)
+    pooled = torch.cat([x_t, x_s], dim=1)
+    torch.testing.assert_close(
+        means.var_target.double(), x_t.var(1, unbiased=False), rtol=1e-3, atol=1e-3
+    )
+    # batched SDPA against one text at a time: ~1e-4 of entries of ~200
+    expected = first_singular_vector(pooled - pooled.mean(1, keepdim=True), r)
+    torch.testing.assert_close(means.axis_pooled.double(), expected, rtol=0, atol=1e-3)
+    expected = first_singular_vector(x_t - x_s, r)
+    torch.testing.assert_close(means.axis_paired.double(), expected, rtol=0, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_paired_axis_of_caa_pairs_is_the_answer_letter_axis_on_smollm2(smol_hf):
+    from controllens.data import load_caa
+
+    # the uncentred paired moment is blind to the sign of each difference, and
+    # every CAA difference at the answer letter carries +-(x_A - x_B): the
+    # letter axis, not the behaviour (|x_A - x_B| ~ 100 vs |r| ~ 5-12 measured)
+    model, tokenizer = smol_hf
+    path = data_path("caa", "generate", "refusal", "generate_dataset.json")
+    caa = load_caa(path)
+    a_first = [
+        item["answer_matching_behavior"].strip().startswith("(A")
+        for item in json.loads(path.read_text())[:40]
+    ]
+    pairs = list(zip(caa.target[:40], caa.source[:40], strict=True))
+    kwargs = dict(tokenizer=tokenizer, aggregation="last", layers=range(5, 21))
+    behaviour = contrastive_means(
+        model, from_texts(*zip(*pairs, strict=True)), moments=True,
+        progress=False, **kwargs,
+    )  # fmt: skip
+    by_letter = [
+        (t, s) if a else (s, t) for (t, s), a in zip(pairs, a_first, strict=True)
+    ]
+    letter = contrastive_means(
+        model, from_texts(*zip(*by_letter, strict=True)), progress=False, **kwargs
+    )
+    direction = letter.r / letter.r.norm(dim=-1, keepdim=True)
+    assert ((behaviour.axis_paired * direction).sum(-1).abs() > 0.99).all()

@@ -99,7 +99,9 @@ class Operator(ABC):
     layer of every forward pass, with the activation of that layer and the
     :class:`~controllens.steering.Steering` that holds the errors, gains and
     strength; token positions are handled outside (an operator edits every
-    token it is given).
+    token it is given). What an operator derives from ``control`` and its own
+    data may be kept with :meth:`~controllens.steering.Steering.cached`, per
+    steering and layer: ``control`` is always that steering's u(k) there.
 
     Examples:
         >>> @dataclass(frozen=True, kw_only=True)
@@ -178,7 +180,11 @@ class Add(Operator):
         steering: "Steering",
         state: dict[Any, Any],
     ) -> Float[Tensor, "*batch d_model"]:
-        return activation + _like(steering.alpha * control, activation)
+        edit = steering.cached(
+            ("add", layer, activation.dtype, activation.device),
+            lambda: _like(steering.alpha * control, activation),
+        )
+        return activation + edit
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -216,15 +222,24 @@ class Ablate(Operator):
         steering: "Steering",
         state: dict[Any, Any],
     ) -> Float[Tensor, "*batch d_model"]:
-        direction = _unit(control)
-        if direction is None:
+        key = ("ablate", layer, activation.dtype, activation.device)
+        d, add = steering.cached(key, lambda: self._derive(control, activation))
+        if d is None:
             return activation
-        d = _like(direction, activation)
         projection = (activation * d).sum(dim=-1, keepdim=True)
         steered = activation - steering.alpha * projection * d
-        if self.add:
-            steered = steered + _like(steering.alpha * control, activation)
+        if add is not None:
+            steered = steered + steering.alpha * add
         return steered
+
+    def _derive(
+        self, control: Tensor, activation: Tensor
+    ) -> tuple[Tensor | None, Tensor | None]:
+        direction = _unit(control)
+        if direction is None:
+            return None, None
+        add = _like(control, activation) if self.add else None
+        return _like(direction, activation), add
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -303,15 +318,20 @@ class Transport(Operator):
         steering: "Steering",
         state: dict[Any, Any],
     ) -> Float[Tensor, "*batch d_model"]:
-        row = self.layers.index(layer)
-        kp = steering.gains.kp
-        factor = _like(steering.alpha * kp * (self.scale[row] - 1), activation)
-        shift = _like(
-            steering.alpha * control
-            - steering.alpha * kp * (self.scale[row] - 1) * self.source_mean[row],
-            activation,
+        key = ("transport", layer, activation.dtype, activation.device)
+        factor, shift = steering.cached(
+            key, lambda: self._derive(layer, control, steering, activation)
         )
         return activation + factor * activation + shift
+
+    def _derive(
+        self, layer: int, control: Tensor, steering: "Steering", activation: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        row = self.layers.index(layer)
+        factor = steering.alpha * steering.gains.kp * (self.scale[row] - 1)
+        factor = factor.to(control.device)
+        shift = steering.alpha * control - factor * self.source_mean[row].to(factor)
+        return _like(factor, activation), _like(shift, activation)
 
 
 def _check_angle(degrees: Any) -> float:
@@ -410,10 +430,18 @@ class Rotate(Operator):
         steering: "Steering",
         state: dict[Any, Any],
     ) -> Float[Tensor, "*batch d_model"]:
-        plane = self._plane(layer, control)
-        if plane is None:
+        key = ("rotate", layer, activation.dtype, activation.device)
+        plane = steering.cached(
+            key,
+            lambda: (
+                tuple(_like(v, activation) for v in self._plane(layer, control))
+                if control.any()
+                else ()
+            ),
+        )
+        if not plane:
             return activation
-        d, b = (_like(v, activation) for v in plane)
+        d, b = plane
         theta = math.radians(steering.alpha * self.angle)
         along_d = (activation * d).sum(dim=-1, keepdim=True)
         along_b = (activation * b).sum(dim=-1, keepdim=True)
@@ -519,11 +547,12 @@ class Feedback(Operator):
         steering: "Steering",
         state: dict[Any, Any],
     ) -> Float[Tensor, "*batch d_model"]:
-        direction = _unit(steering.errors[steering.layers.index(layer)])
-        if direction is None:
+        key = ("feedback", layer, activation.device)
+        d, setpoint = steering.cached(
+            key, lambda: self._derive(layer, steering, activation.device)
+        )
+        if d is None:
             return activation
-        d = direction.to(activation.device)
-        setpoint = self.setpoints[self.layers.index(layer)].item()
         # the loop runs in float32 whatever the model's dtype
         error = setpoint - activation.to(d.dtype) @ d
         if self.one_sided:
@@ -538,6 +567,18 @@ class Feedback(Operator):
         if self.token_ki:
             push = push + self.token_ki * self._earlier_errors(layer, error, state)
         return activation + _like(steering.alpha * push * d, activation)
+
+    def _derive(
+        self, layer: int, steering: "Steering", device: torch.device
+    ) -> tuple[Tensor | None, float]:
+        direction = _unit(steering.errors[steering.layers.index(layer)])
+        setpoint = self.setpoints[self.layers.index(layer)].item()
+        return (None if direction is None else direction.to(device)), setpoint
+
+    def is_identity(self, steering: "Steering") -> bool:
+        # the integral across tokens acts even when the layer gains are zero
+        gains_idle = steering.gains.is_zero and self.token_ki == 0
+        return steering.alpha == 0 or gains_idle or not steering.errors.any()
 
     def _earlier_errors(
         self, layer: int, error: Float[Tensor, "*batch pos"], state: dict[Any, Any]

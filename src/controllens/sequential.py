@@ -90,6 +90,7 @@ def sequential_steering(
     alpha: float = 1.0,
     angle: float | None = None,
     one_sided: bool = True,
+    token_ki: float = 0.0,
     positions: Positions = "all",
     hook_point: str = "resid_post",
     aggregation: str = "mean",
@@ -121,6 +122,7 @@ def sequential_steering(
         alpha: Strength used during estimation and kept in the result.
         angle: Rotation angle in degrees for ``method="rotate"``.
         one_sided: For ``method="feedback"``.
+        token_ki: For ``method="feedback"``: integral gain across tokens.
         positions: Token positions of the returned steering (estimation
             steers every real token).
         hook_point: ``"resid_post"`` or ``"resid_pre"``.
@@ -195,6 +197,7 @@ def sequential_steering(
             "alpha": alpha,
             "angle": angle,
             "one_sided": one_sided,
+            "token_ki": token_ki,
         },
         fields={
             "hook_point": hook_point,

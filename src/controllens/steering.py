@@ -11,6 +11,7 @@ same way. :func:`compose` steers several concepts at once.
 
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -125,7 +126,9 @@ class _BackEnds:
             >>> bool((steered != model(tokens)).any())
             True
         """
-        with model.hooks(fwd_hooks=self.hooks(model, attention_mask=attention_mask)):
+        from controllens.hooks import applied
+
+        with applied(self, model, attention_mask=attention_mask):
             yield model
 
     def intervene(self, model: Any, tracer: Any | None = None) -> None:
@@ -232,6 +235,9 @@ class Steering(_BackEnds):
         object.__setattr__(self, "layers", tuple(sorted(layers)))
         # u(k) without alpha, computed once: the back ends read it every pass
         object.__setattr__(self, "_signals", control_signal(self.errors, self.gains))
+        # what operators derive from this (immutable) steering, per layer,
+        # dtype and device: directions, planes, shifts
+        object.__setattr__(self, "_derived", {})
         if not isinstance(self.operator, Operator):
             raise TypeError(
                 f"Expected operator as a controllens.operators.Operator, got "
@@ -349,6 +355,23 @@ class Steering(_BackEnds):
     def needs_positions(self) -> bool:
         """Whether the back ends must locate each token in its sequence."""
         return self.positions != "all" or self.operator.needs_positions
+
+    def cached(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        """``compute()``, computed once per ``key`` for this steering.
+
+        Operators keep what they derive from the steering's fixed data (unit
+        directions, rotation planes, casts to the activation's dtype and
+        device) here, so that each forward pass does not redo it.
+
+        Examples:
+            >>> steering = Steering(errors=torch.ones(1, 2), layers=(0,))
+            >>> steering.cached(("norm", 0), lambda: steering.errors[0].norm())
+            tensor(1.4142)
+        """
+        value = self._derived.get(key)
+        if value is None:
+            value = self._derived[key] = compute()
+        return value
 
     def control(self) -> Float[Tensor, "layer d_model"]:
         """The open-loop signal ``alpha * u(k)`` of each steered layer, in layer
@@ -486,13 +509,10 @@ def _method_operator(
     if method in ("ablate", "ablate_add"):
         return Ablate(add=method == "ablate_add")
     if method == "transport":
-        var_target = _moment(means, "var_target", method)[rows].double()
-        var_source = _moment(means, "var_source", method)[rows].double()
-        # a floor for dimensions that never vary, relative to each layer's scale
-        floor = 1e-6 * var_source.mean(dim=-1, keepdim=True).clamp_min(1e-30)
-        scale = (var_target.clamp_min(0) / var_source.maximum(floor)).sqrt()
         return Transport(
-            layers=layers, scale=scale.float(), source_mean=means.mu_source[rows]
+            layers=layers,
+            scale=_transport_scale(means, rows, layers),
+            source_mean=means.mu_source[rows],
         )
     if method == "rotate":
         axes = _moment(means, "axis_pooled", method)[rows]
@@ -503,6 +523,44 @@ def _method_operator(
     return Feedback(
         layers=layers, setpoints=setpoints, one_sided=one_sided, token_ki=token_ki
     )
+
+
+#: The largest per-dimension ratio sigma_target / sigma_source a transport may
+#: apply; larger ratios come from dimensions where the source barely varies.
+MAX_TRANSPORT_SCALE = 100.0
+
+
+def _transport_scale(
+    means: Any, rows: list[int], layers: tuple[int, ...]
+) -> Float[Tensor, "layer d_model"]:
+    """sigma_target / sigma_source per dimension, refusing degenerate sources."""
+    var_target = _moment(means, "var_target", "transport")[rows].double()
+    var_source = _moment(means, "var_source", "transport")[rows].double()
+    flat = var_source.mean(dim=-1) <= 1e-12 * var_target.mean(dim=-1)
+    if means.n_source < 2 or flat.any():
+        where = (
+            ""
+            if means.n_source < 2
+            else f" at layers {[layers[i] for i in flat.nonzero()[:, 0].tolist()]}"
+        )
+        raise VectorError(
+            f"The transport maps the spread of the source activations onto the "
+            f"target's, but the source has no spread{where} "
+            f"(n_source={means.n_source}). Measure the means on at least two "
+            "different source texts (more is better), or use method='add'."
+        )
+    # a floor for single dimensions that never vary, relative to the layer
+    floor = 1e-6 * var_source.mean(dim=-1, keepdim=True)
+    scale = (var_target.clamp_min(0) / var_source.maximum(floor)).sqrt()
+    if (scale > MAX_TRANSPORT_SCALE).any():
+        warnings.warn(
+            f"Transport scales above {MAX_TRANSPORT_SCALE:g} (up to "
+            f"{scale.max().item():.3g}) were capped: a few dimensions barely vary "
+            "in the source texts. More source texts give steadier scales.",
+            stacklevel=4,
+        )
+        scale = scale.clamp_max(MAX_TRANSPORT_SCALE)
+    return scale.float()
 
 
 _COMPOSE_MODES = ("sum", "sequence")

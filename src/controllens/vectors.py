@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path
@@ -86,7 +86,9 @@ class ContrastiveMeans:
             unless measured. The default second axis of angular steering.
         axis_paired: Unit first principal axis of the paired differences
             target[i] - source[i] (uncentred, as in RepE), signed so that its
-            projection on r(k) is positive; None unless measured.
+            projection on r(k) is positive; None unless measured. Blind to
+            the sign of each difference: on CAA pairs read at the answer
+            letter it is the letter axis x_A - x_B (measured on SmolLM2).
 
     Examples:
         >>> means = ContrastiveMeans(
@@ -682,35 +684,40 @@ class _Moments:
             moments[f"var_{side}"] = var.clamp(min=0).to(torch.float32).cpu()
         n = self.count["target"] + self.count["source"]
         mean = (self.sums["target"] + self.sums["source"]) / n
-        pooled = self.pooled / n - mean[:, :, None] * mean[:, None, :]
+        # one layer's matrix at a time: no second [layer, d_model, d_model]
+        pooled = (
+            self.pooled[i] / n - torch.outer(mean[i], mean[i]) for i in range(len(r))
+        )
+        paired = (self.paired[i] / self.pairs for i in range(len(r)))
         moments["axis_pooled"] = _principal_axis(pooled, r, "axis_pooled", layers)
-        paired = self.paired / self.pairs
         moments["axis_paired"] = _principal_axis(paired, r, "axis_paired", layers)
         return moments
 
 
 def _principal_axis(
-    matrix: Float[Tensor, "layer d_model d_model"],
+    matrices: Iterable[Tensor],
     r: Float[Tensor, "layer d_model"],
     name: str,
     layers: tuple[int, ...],
 ) -> Float[Tensor, "layer d_model"]:
-    """Unit top eigenvector of each symmetric matrix, float32 on the CPU,
-    signed to project positively on r (or, where it is orthogonal to r, to make
-    its largest-magnitude entry positive)."""
-    values, vectors = torch.linalg.eigh(matrix)
-    if values.shape[-1] > 1:
-        gap = values[:, -1] - values[:, -2]
-        tied = (gap <= 1e-6 * values[:, -1].clamp(min=0)).tolist()
-        if any(tied):
-            bad = [k for k, t in zip(layers, tied, strict=True) if t]
-            warnings.warn(
-                f"{name} is not unique at layers {bad}: the two largest "
-                "eigenvalues are equal (no spread, or identical texts?). An "
-                "arbitrary one of the tied axes was kept.",
-                stacklevel=4,
-            )
-    axis = vectors[:, :, -1].to(torch.float32).cpu()
+    """Unit top eigenvector of each symmetric [d_model, d_model] matrix, float32
+    on the CPU, signed to project positively on r (or, where it is orthogonal
+    to r, to make its largest-magnitude entry positive)."""
+    rows, tied = [], []
+    for matrix in matrices:
+        values, vectors = torch.linalg.eigh(matrix)
+        rows.append(vectors[:, -1])
+        top = float(values[-1])
+        tied.append(len(values) > 1 and top - float(values[-2]) <= 1e-6 * max(top, 0))
+    if any(tied):
+        bad = [k for k, t in zip(layers, tied, strict=True) if t]
+        warnings.warn(
+            f"{name} is not unique at layers {bad}: the two largest eigenvalues "
+            "are equal (no spread, or identical texts?). An arbitrary one of the "
+            "tied axes was kept.",
+            stacklevel=4,
+        )
+    axis = torch.stack(rows).to(torch.float32).cpu()
     axis = axis / axis.norm(dim=-1, keepdim=True)
 
     projection = (axis * r).sum(dim=-1)
