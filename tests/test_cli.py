@@ -55,8 +55,21 @@ def test_steer_runs_on_a_local_model_with_text_files(tiny_folder, tmp_path, caps
     )
     out = capsys.readouterr().out
     assert code == 0
-    assert "PID steering" in out and "steered:" in out
+    assert "PID add steering" in out and "steered:" in out
     assert saved.is_file()
+
+
+@pytest.mark.parametrize("method", ["rotate", "transport", "ablate"])
+def test_steer_runs_every_method(tiny_folder, tmp_path, capsys, method):
+    target, source = tmp_path / "target.txt", tmp_path / "source.txt"
+    target.write_text("so good\nlovely day\nfine and fun\n")
+    source.write_text("bad one\nawful film\na dull mess\n")
+    arguments = ["steer", "--model", str(tiny_folder), "--target", str(target)]
+    arguments += ["--source", str(source), "--method", method, "--alpha", "0.5"]
+    code = main([*arguments, "--prompt", "ab", "--max-new-tokens", "3"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"P {method} steering" in out
 
 
 def test_steer_without_data_says_what_to_give(tiny_folder, capsys):

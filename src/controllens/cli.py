@@ -5,6 +5,8 @@ import logging
 import sys
 from pathlib import Path
 
+from controllens.steering import METHODS
+
 __all__ = ["main"]
 
 
@@ -129,7 +131,10 @@ def _steer(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-        means = contrastive_means(model, data, aggregation=args.aggregation)
+        moments = args.method in ("pca", "transport", "rotate")
+        means = contrastive_means(
+            model, data, aggregation=args.aggregation, moments=moments
+        )
     if args.save_path:
         print(f"saved means to {means.save(args.save_path)}")
 
@@ -141,13 +146,15 @@ def _steer(args: argparse.Namespace) -> int:
         ),
         alpha=args.alpha,
         positions=args.positions,
+        method=args.method,
+        **({"angle": args.angle} if args.method == "rotate" else {}),
     )
     prompts = args.prompt or ["I think this movie is"]
     kwargs = dict(max_new_tokens=args.max_new_tokens, seed=args.seed, progress=False)
     plain = generate(model, prompts, None, **kwargs)
     steered = generate(model, prompts, steering, **kwargs)
     print(
-        f"{steering.gains.name} steering, alpha={steering.alpha}, "
+        f"{steering.gains.name} {args.method} steering, alpha={steering.alpha}, "
         f"layers {steering.layers[0]}..{steering.layers[-1]}"
     )
     for prompt, a, b in zip(prompts, plain.texts, steered.texts, strict=True):
@@ -195,6 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--layers",
         type=_layers,
         help='e.g. "0-29" or "4,8,12"; negative with "=": --layers=-1 (default: all)',
+    )
+    steer.add_argument(
+        "--method",
+        choices=METHODS,
+        default="add",
+        help="steering method (operator); pca, transport and rotate measure moments",
+    )
+    steer.add_argument(
+        "--angle", type=float, default=20.0, help="degrees, for --method rotate"
     )
     steer.add_argument("--kp", type=float, default=1.0)
     steer.add_argument("--ki", type=float, default=0.0)
