@@ -41,8 +41,9 @@ from controllens.adapters import check_hook_point, decoder_layers, inspect_model
 from controllens.controllers import Gains, LayerController, control_signal
 from controllens.data import ContrastiveTexts
 from controllens.errors import DataError, ModelError, VectorError
+from controllens.sequential import _capture_batches
 from controllens.steering import Steering
-from controllens.tokens import encode, pad, resolve_tokenizer, token_weights
+from controllens.tokens import resolve_tokenizer
 from controllens.vectors import (
     ContrastiveMeans,
     _check_options,
@@ -452,68 +453,6 @@ def _instability_message(
 # ---------------------------------------------------------------- the model
 
 
-class _Captured(Exception):
-    """Raised from the first layer's pre-hook once its inputs are captured."""
-
-
-@dataclass
-class _Batch:
-    hidden: Tensor
-    layer_kwargs: dict[str, Any]
-    weights: Tensor
-    mask: Tensor
-
-
-def _layer_inputs(
-    hf_model: Any,
-    texts: Sequence[str],
-    *,
-    tokenizer: Any,
-    bos: bool,
-    aggregation: str,
-    batch_size: int,
-    chat_template: bool,
-    max_length: int | None,
-    device: torch.device,
-) -> list[_Batch]:
-    """Each batch's input to the first decoder layer, with the layer kwargs
-    (position embeddings, attention mask) that every layer receives."""
-    first_layer = decoder_layers(hf_model)[1][0]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = []
-    for start in range(0, len(texts), batch_size):
-        ids = encode(
-            texts[start : start + batch_size],
-            tokenizer,
-            bos=bos,
-            chat_template=chat_template,
-            max_length=max_length,
-        )
-        empty = [start + i for i, row in enumerate(ids) if not row]
-        if empty:
-            raise DataError(f"Text {empty[0]} tokenises to no tokens; remove it.")
-        tokens, mask = pad(ids, pad_id, "right", device)
-        captured: dict[str, Any] = {}
-
-        def capture(module: Any, args: Any, kwargs: Any, captured=captured) -> None:
-            captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-            captured["kwargs"] = dict(kwargs)
-            raise _Captured
-
-        handle = first_layer.register_forward_pre_hook(capture, with_kwargs=True)
-        try:
-            hf_model(input_ids=tokens, attention_mask=mask, use_cache=False)
-        except _Captured:
-            pass
-        finally:
-            handle.remove()
-        weights = token_weights(mask, aggregation, texts, start, "source")
-        batches.append(
-            _Batch(captured["hidden"], captured["kwargs"], weights, mask[..., None])
-        )
-    return batches
-
-
 def block_gains(
     model: Any,
     texts: Sequence[str],
@@ -603,9 +542,10 @@ def block_gains(
     sums = torch.zeros(n_layers, info.d_model, dtype=torch.float64)
 
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-        batches = _layer_inputs(
+        batches = _capture_batches(
             info.hf_model,
             tuple(texts),
+            "text",
             tokenizer=tokenizer,
             bos=bos,
             aggregation=aggregation,

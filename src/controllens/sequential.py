@@ -31,7 +31,7 @@ from controllens.adapters import (
 )
 from controllens.controllers import Gains
 from controllens.data import ContrastiveTexts
-from controllens.errors import ModelError
+from controllens.errors import DataError, ModelError
 from controllens.steering import METHODS, Positions, Steering, Where
 from controllens.tokens import encode, pad, resolve_tokenizer, token_weights
 from controllens.vectors import (
@@ -316,6 +316,11 @@ def _capture_batches(
             chat_template=chat_template,
             max_length=max_length,
         )
+        empty = [start + i for i, row in enumerate(ids) if not row]
+        if empty:
+            raise DataError(
+                f"The {side} text {empty[0]} tokenises to no tokens; remove it."
+            )
         tokens, mask = pad(ids, pad_id, "right", device)
         captured: dict[str, Any] = {}
 
