@@ -79,8 +79,8 @@ def _print_table(results: dict) -> None:
     accuracy = results["scorer"]["sst2_dev_accuracy"]
     print(
         f"\nSentiment steering of {results['model']} on {len(results['prompts'])} "
-        f"held-out negative SST-2 dev prompts (scorer: VADER, its SST-2 dev "
-        f"accuracy {accuracy:.3f})\n"
+        f"held-out negative SST-2 dev prompts (scorer: {results['scorer']['name']}, "
+        f"its SST-2 dev accuracy {accuracy:.3f})\n"
     )
     print(f"{'method':<10} {'settings':<34} {'positive':>9} {'perplexity':>11}")
     for name, row in test.items():

@@ -4,8 +4,9 @@ Steps: measure the sentiment error signal r(k) on the SST-2 training sample;
 pick P's strength and PID's gains on validation prompts (the most positive
 continuations within a perplexity budget); then continue held-out negative
 SST-2 dev prompts unsteered, with the chosen P and with the chosen PID, and
-score them with VADER (independent of the steered model) and with perplexity
-under the unsteered model.
+score them with a sentiment classifier independent of the steered model (an
+embedding classifier fitted on the SST-2 training sample; VADER when the
+encoder's package is missing) and with perplexity under the unsteered model.
 """
 
 import json
@@ -23,10 +24,11 @@ import torch
 from controllens.controllers import Gains
 from controllens.data import load_labelled_tsv, sst2_prompts
 from controllens.evaluate import (
-    VaderScorer,
+    Scorer,
     continuation_perplexity,
     generate,
     scorer_accuracy,
+    sentiment_scorer,
 )
 from controllens.steering import Steering
 from controllens.vectors import contrastive_means, mean_activations
@@ -96,7 +98,7 @@ def _evaluate(
     prompts: tuple[str, ...],
     steering: Steering | None,
     config: DemoConfig,
-    scorer: VaderScorer,
+    scorer: Scorer,
 ) -> dict[str, Any]:
     continuations = generate(
         model,
@@ -163,9 +165,9 @@ def run_demo(
     say(f"loading the model ({config.model or 'embedded SmolLM2-135M-Instruct'})")
     model = load_bridge(config.model)
 
-    scorer = VaderScorer()
+    scorer = sentiment_scorer(sst2 / "train_sample.tsv", progress=False)
     accuracy = scorer_accuracy(scorer, sst2 / "dev.tsv")
-    say(f"sentiment scorer: VADER, accuracy on SST-2 dev {accuracy:.3f}")
+    say(f"sentiment scorer: {scorer.name}, accuracy on SST-2 dev {accuracy:.3f}")
 
     data = load_labelled_tsv(sst2 / "train_sample.tsv", limit=config.n_train)
     say(f"measuring r(k) on {len(data.target)} + {len(data.source)} SST-2 sentences")
@@ -225,7 +227,7 @@ def run_demo(
     results = {
         "model": means.model_name,
         "layers": list(means.layers),
-        "scorer": {"name": "VADER", "sst2_dev_accuracy": accuracy},
+        "scorer": {"name": scorer.name, "sst2_dev_accuracy": accuracy},
         "config": {
             k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()
         },
