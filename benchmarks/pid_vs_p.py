@@ -8,7 +8,9 @@
    then evaluated on held-out test prompts with ``--seeds`` sampling seeds;
    the report gives the positive rate and perplexity per family (mean and
    spread over seeds) and each family's gain over P in percentage points,
-   paired by seed. The validation trials give the Pareto fronts (table and
+   paired by seed, both against P's chosen setting and against P's front on
+   the test prompts at the same perplexity (P run at ``--p-front`` alphas,
+   interpolated). The validation trials give the Pareto fronts (table and
    plot).
 2. Behaviour (CAA). Vectors measured on the answer letter of the generate
    files (refusal, sycophancy); the probability of the behaviour-matching
@@ -45,6 +47,9 @@ def main() -> None:
     parser.add_argument("--caa-items", type=int, default=200)
     parser.add_argument("--caa-alphas", type=float, nargs="+", default=[-0.15, 0.15])
     parser.add_argument("--skip-caa", action="store_true")
+    parser.add_argument(
+        "--p-front", type=float, nargs="+", default=[0.05, 0.1, 0.15, 0.2, 0.25]
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/pid_vs_p"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -180,7 +185,32 @@ def main() -> None:
         if family != "P"
     }
     for family, points in gains_over_p.items():
-        print(f"  {family} - P: {points} percentage points", flush=True)
+        print(f"  {family} - P (chosen settings): {points} points", flush=True)
+
+    # P's front on the test prompts, to compare at matched perplexity
+    print(f"P front on the test prompts, alphas {args.p_front}", flush=True)
+    front = []
+    for alpha in args.p_front:
+        runs = [
+            GenerationEvaluator(
+                model,
+                base,
+                test,
+                scorer=scorer,
+                max_new_tokens=args.new_tokens,
+                seed=seed,
+            )({"kp": 1.0, "alpha": alpha}, len(test))
+            for seed in args.seeds
+        ]
+        front.append({"alpha": alpha, "runs": runs})
+        print(f"  P alpha={alpha:<5} {_summary(runs)}", flush=True)
+    matched = _matched_gains(test_rows, front, args.seeds)
+    for family, row in matched.items():
+        print(
+            f"  {family} - P at matched perplexity: {row['points']} points "
+            f"(mean {row['mean']:+.1f}, per seed)",
+            flush=True,
+        )
 
     caa = {} if args.skip_caa else _caa(model, args, Gains)
 
@@ -196,6 +226,8 @@ def main() -> None:
         "chosen": chosen,
         "test": test_rows,
         "gain_over_p_points": gains_over_p,
+        "p_front_test": front,
+        "gain_over_p_at_matched_perplexity": matched,
         "caa": caa,
         "seconds": time.perf_counter() - started,
     }
@@ -209,6 +241,30 @@ def _scorer(sst2: Path):
 
     scorer = sentiment_scorer(sst2 / "train_sample.tsv", progress=False)
     return scorer, scorer.name
+
+
+def _matched_gains(test_rows, front, seeds):
+    """Each family's positive rate minus P's at the same perplexity, per seed.
+
+    P's front on the test prompts (one point per alpha) is interpolated
+    linearly in perplexity, seed by seed; a family outside the front's
+    perplexity range is compared with its nearest end.
+    """
+    import numpy as np
+
+    matched = {}
+    for family, runs in test_rows.items():
+        if family in ("unsteered", "P"):
+            continue
+        points = []
+        for i, _ in enumerate(seeds):
+            ppl = np.array([p["runs"][i]["perplexity"] for p in front])
+            score = np.array([p["runs"][i]["score"] for p in front])
+            order = np.argsort(ppl)
+            at = np.interp(runs[i]["perplexity"], ppl[order], score[order])
+            points.append(round(100 * (runs[i]["score"] - float(at)), 1))
+        matched[family] = {"points": points, "mean": float(np.mean(points))}
+    return matched
 
 
 def _summary(runs):
