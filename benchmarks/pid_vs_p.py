@@ -271,9 +271,11 @@ def _summary(runs):
     score = [r["score"] for r in runs]
     perplexity = [r["perplexity"] for r in runs]
     spread = statistics.stdev if len(runs) > 1 else (lambda values: 0.0)
+    distinct = [r["distinct_2"] for r in runs]
     return (
         f"positive {statistics.mean(score):.3f} +- {spread(score):.3f}, "
-        f"perplexity {statistics.mean(perplexity):.2f} +- {spread(perplexity):.2f}"
+        f"perplexity {statistics.mean(perplexity):.2f} +- {spread(perplexity):.2f}, "
+        f"distinct-2 {statistics.mean(distinct):.3f}"
     )
 
 

@@ -1043,7 +1043,8 @@ class GenerationEvaluator:
     Each call continues the first ``budget`` prompts with ``steering`` changed
     by the config (:func:`apply_config`), and returns the share of
     continuations the scorer calls positive (``score``) and their mean
-    perplexity under the unsteered model (``perplexity``). Sampling is seeded,
+    perplexity under the unsteered model (``perplexity``), and distinct-2
+    of the continuations (``distinct_2``, repetition). Sampling is seeded,
     so every configuration draws from the same random stream.
 
     Args:
@@ -1063,9 +1064,9 @@ class GenerationEvaluator:
         ...                                max_new_tokens=3)
         >>> metrics = evaluate({"alpha": 2.0}, 2)
         >>> sorted(metrics), 0 <= metrics["score"] <= 1
-        (['perplexity', 'score'], True)
+        (['distinct_2', 'perplexity', 'score'], True)
         >>> sorted(evaluate.unsteered(2))
-        ['perplexity', 'score']
+        ['distinct_2', 'perplexity', 'score']
     """
 
     def __init__(
@@ -1088,7 +1089,7 @@ class GenerationEvaluator:
         self.generate_kwargs = {"progress": False, **generate_kwargs}
 
     def _measure(self, steering: Steering | None, budget: int) -> dict[str, float]:
-        from controllens.evaluate import continuation_perplexity, generate
+        from controllens.evaluate import continuation_perplexity, distinct_n, generate
 
         budget = _count(budget, "budget")
         if budget > len(self.prompts):
@@ -1103,6 +1104,7 @@ class GenerationEvaluator:
         return {
             "score": sum(positive) / len(positive),
             "perplexity": float(perplexity.mean()),
+            "distinct_2": distinct_n(out.texts, 2),
         }
 
     def __call__(self, config: Mapping[str, float], budget: int) -> dict[str, float]:
