@@ -51,7 +51,27 @@ def main() -> None:
         "--p-front", type=float, nargs="+", default=[0.05, 0.1, 0.15, 0.2, 0.25]
     )
     parser.add_argument("--out", type=Path, default=Path("runs/pid_vs_p"))
+    parser.add_argument(
+        "--replot", action="store_true", help="redraw the figures from results.json"
+    )
     args = parser.parse_args()
+    if args.replot:
+        from controllens.tuning import SearchResult, plot_pareto
+
+        results = json.loads((args.out / "results.json").read_text())
+        plot_test(results, args.out / "test.png")
+        validation = results["validation"]
+        plot_pareto(
+            {
+                family: list(SearchResult.from_dict(search).trials)
+                for family, search in validation["searches"].items()
+            },
+            args.out / "pareto.png",
+            baseline=validation["unsteered"]["perplexity"],
+            limit=float(results["settings"]["budget"]),
+            title="SmolLM2, SST-2 validation prompts (all rungs)",
+        )
+        return
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
 
@@ -149,8 +169,8 @@ def main() -> None:
         trials,
         args.out / "pareto.png",
         baseline=unsteered["perplexity"],
-        limit=objective.limit,
-        title="SmolLM2, SST-2 validation prompts",
+        limit=args.budget,
+        title="SmolLM2, SST-2 validation prompts (all rungs)",
     )
     (args.out / "pareto.md").write_text(
         markdown_table([t for rows in trials.values() for t in rows])
@@ -232,6 +252,7 @@ def main() -> None:
         "seconds": time.perf_counter() - started,
     }
     (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    plot_test(results, args.out / "test.png")
     print(f"wrote {args.out} in {results['seconds']:.0f} s", flush=True)
 
 
@@ -241,6 +262,48 @@ def _scorer(sst2: Path):
 
     scorer = sentiment_scorer(sst2 / "train_sample.tsv", progress=False)
     return scorer, scorer.name
+
+
+def plot_test(results, path):
+    """P's front on the test prompts against the chosen PI, PD and PID
+    settings: mean over seeds, bars one standard deviation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    def stats(runs, key):
+        values = [r[key] for r in runs]
+        return np.mean(values), np.std(values, ddof=1) if len(values) > 1 else 0.0
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    front = results["p_front_test"]
+    x = [stats(p["runs"], "perplexity") for p in front]
+    y = [stats(p["runs"], "score") for p in front]
+    ax.errorbar(
+        [m for m, _ in x],
+        [m for m, _ in y],
+        xerr=[s for _, s in x],
+        yerr=[s for _, s in y],
+        marker="o",
+        label="P, alpha " + ", ".join(str(p["alpha"]) for p in front),
+    )
+    for family, runs in results["test"].items():
+        if family == "P":
+            continue
+        (mx, sx), (my, sy) = stats(runs, "perplexity"), stats(runs, "score")
+        ax.errorbar(mx, my, xerr=sx, yerr=sy, marker="s", linestyle="", label=family)
+    ax.set(
+        xlabel="perplexity under the unsteered model",
+        ylabel="positive rate (embedding classifier)",
+        title="SmolLM2, held-out SST-2 dev prompts",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _matched_gains(test_rows, front, seeds):
