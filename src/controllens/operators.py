@@ -72,6 +72,13 @@ def _layer_rows(
     name: str, layers: Iterable[int], values: Tensor, d_model: int | None = None
 ) -> tuple[tuple[int, ...], Tensor]:
     """Check per-layer operator data: one finite row per layer."""
+    if not isinstance(values, Tensor):
+        raise VectorError(
+            f"Expected {name} as a tensor [layer, d_model], got "
+            f"{type(values).__name__}. Pass torch.tensor(...)."
+        )
+    if isinstance(layers, numbers.Integral):
+        layers = (layers,)
     layers = tuple(int(layer) for layer in layers)
     if values.ndim != 2 or values.shape[0] != len(layers):
         raise VectorError(
@@ -81,12 +88,16 @@ def _layer_rows(
     if d_model is not None and values.shape[1] != d_model:
         raise VectorError(
             f"Expected {name} of width {d_model}, got {values.shape[1]}: it was "
-            "measured on another model."
+            "measured on another model. Measure it on the model you steer."
         )
-    if not values.is_floating_point() or not values.isfinite().all():
+    if not values.is_floating_point():
         raise VectorError(
-            f"Expected finite floating-point {name}, got {values.dtype} with "
-            "NaN or infinite entries. Re-measure it."
+            f"Expected floating-point {name}, got {values.dtype}. Convert it "
+            "with .float()."
+        )
+    if not values.isfinite().all():
+        raise VectorError(
+            f"Expected finite {name}, got NaN or infinite entries. Re-measure it."
         )
     return layers, values.detach().clone()
 
@@ -306,7 +317,8 @@ class Transport(Operator):
         if self.scale.shape[1] != steering.d_model:
             raise VectorError(
                 f"Expected transport scales of width {steering.d_model}, got "
-                f"{self.scale.shape[1]}."
+                f"{self.scale.shape[1]}: they were measured on another model. "
+                "Measure the means (moments=True) on the model you steer."
             )
 
     def edit(
@@ -413,7 +425,8 @@ class Rotate(Operator):
         if self.axes.shape[1] != steering.d_model:
             raise VectorError(
                 f"Expected second axes of width {steering.d_model}, got "
-                f"{self.axes.shape[1]}."
+                f"{self.axes.shape[1]}: they were measured on another model. "
+                "Measure the means (moments=True) on the model you steer."
             )
         for layer, control in zip(steering.layers, steering.control(), strict=True):
             self._plane(layer, control)
@@ -518,15 +531,25 @@ class Feedback(Operator):
                 f"Expected token_ki a finite number >= 0, got {token_ki!r}."
             )
         object.__setattr__(self, "token_ki", float(token_ki))
-        layers = tuple(int(layer) for layer in self.layers)
+        given = self.layers
+        layers = (given,) if isinstance(given, numbers.Integral) else given
+        layers = tuple(int(layer) for layer in layers)
         setpoints = self.setpoints
+        if not isinstance(setpoints, Tensor):
+            raise VectorError(
+                f"Expected setpoints as a tensor [layer], got "
+                f"{type(setpoints).__name__}. Pass torch.tensor(...)."
+            )
         if setpoints.ndim != 1 or setpoints.shape[0] != len(layers):
             raise VectorError(
                 f"Expected one set-point per layer {layers}, got shape "
                 f"{tuple(setpoints.shape)}."
             )
         if not setpoints.isfinite().all():
-            raise VectorError("Expected finite set-points, got NaN or infinity.")
+            raise VectorError(
+                "Expected finite set-points, got NaN or infinity. Re-measure the "
+                "means the set-points come from (target projections on r(k))."
+            )
         object.__setattr__(self, "layers", layers)
         object.__setattr__(self, "setpoints", setpoints.detach().clone())
 
