@@ -13,6 +13,8 @@ from tests.test_interventions import MASK, TOKENS, _nnsight_generate, _nnsight_l
 
 D_MODEL = 32
 LAYERS = (0, 1, 2)
+# real tokens after each row's first one (TOKENS is left-padded)
+AFTER_FIRST = MASK.bool() & (MASK.cumsum(dim=1) > 1)
 
 
 def _random(*shape, seed):
@@ -140,17 +142,46 @@ def test_full_ablation_leaves_no_component_along_the_direction(tiny_bridge, gain
         steered = _read_steered(tiny_bridge, steering, layer)
         projection = steered @ (direction / direction.norm())
         clean_scale = steered.norm(dim=-1)
-        assert (projection.abs() <= 1e-5 * clean_scale).all()
+        # every real token but the first (the attention sink, left alone)
+        assert (projection.abs() <= 1e-5 * clean_scale)[AFTER_FIRST].all()
 
 
 def test_ablate_then_add_sets_every_token_to_the_same_component(tiny_bridge):
     steering = _steering("ablate_add", gains=Gains.p(1.0), alpha=1.0)
     u = steering.control()[1]
     steered = _read_steered(tiny_bridge, steering, 1)
-    projection = steered @ (u / u.norm())
+    projection = (steered @ (u / u.norm()))[AFTER_FIRST]
     torch.testing.assert_close(
         projection, torch.full_like(projection, u.norm().item()), atol=1e-4, rtol=0
     )
+
+
+@pytest.mark.parametrize("name", ["ablate", "transport", "rotate", "feedback"])
+def test_the_attention_sink_is_left_alone_by_operators_that_scale_with_x(
+    tiny_bridge, tiny_nnsight, name
+):
+    steering = _steering(name, alpha=0.7)
+    seen = {}
+
+    def read(key):
+        def hook(activation, hook):
+            seen[key] = activation.detach().clone()
+
+        return hook
+
+    hook_name = "blocks.0.hook_resid_post"
+    tiny_bridge.run_with_hooks(
+        TOKENS,
+        attention_mask=MASK,
+        fwd_hooks=[
+            (hook_name, read("before")),
+            *steering.hooks(tiny_bridge, attention_mask=MASK),
+            (hook_name, read("after")),
+        ],
+    )
+    first = MASK.bool() & (MASK.cumsum(dim=1) == 1)
+    assert torch.equal(seen["after"][first], seen["before"][first])
+    assert not torch.allclose(seen["after"][AFTER_FIRST], seen["before"][AFTER_FIRST])
 
 
 @pytest.mark.parametrize("angle", [30.0, -120.0, 180.0])
@@ -272,7 +303,9 @@ def test_sequence_order_matters_for_ablation_and_both_back_ends_agree(
     first_ablate = compose(ablate, add, mode="sequence")
     logits = [
         tiny_bridge.run_with_hooks(
-            TOKENS, attention_mask=MASK, fwd_hooks=c.hooks(tiny_bridge)
+            TOKENS,
+            attention_mask=MASK,
+            fwd_hooks=c.hooks(tiny_bridge, attention_mask=MASK),
         )
         for c in (first_add, first_ablate)
     ]
@@ -509,3 +542,14 @@ def test_operators_reuse_what_they_derive_per_layer():
     first = steering.edit(1, x, None, {})
     assert any(key[0] == "rotate" for key in steering._derived)
     torch.testing.assert_close(steering.edit(1, x, None, {}), first)
+
+
+def test_apply_reads_each_rows_first_token_from_the_models_attention_mask(
+    tiny_bridge,
+):
+    steering = _steering("rotate")
+    with steering.apply(tiny_bridge, attention_mask=MASK):
+        given = tiny_bridge(TOKENS, attention_mask=MASK)
+    with steering.apply(tiny_bridge):
+        read = tiny_bridge(TOKENS, attention_mask=MASK)
+    assert torch.equal(given, read)

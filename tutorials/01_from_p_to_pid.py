@@ -301,7 +301,7 @@ pid = Gains.pid(kp=1.0, ki=0.02, kd=0.5)
 methods = {
     "add": Steering.from_means(full, gains=pid, alpha=0.1),
     "transport": Steering.from_means(full, method="transport", gains=pid, alpha=0.1),
-    "rotate": Steering.from_means(full, method="rotate", angle=10.0, gains=pid),
+    "rotate": Steering.from_means(full, method="rotate", angle=1.0, gains=pid),
     "feedback": Steering.from_means(full, method="feedback", gains=Gains.p(1.0),
                                     alpha=0.1),
 }

@@ -210,7 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="steering method (operator); pca, transport and rotate measure moments",
     )
     steer.add_argument(
-        "--angle", type=float, default=20.0, help="degrees, for --method rotate"
+        "--angle",
+        type=float,
+        default=1.0,
+        help="degrees per steered layer, for --method rotate",
     )
     steer.add_argument("--kp", type=float, default=1.0)
     steer.add_argument("--ki", type=float, default=0.0)

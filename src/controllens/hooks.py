@@ -46,10 +46,15 @@ class _SequenceTracker:
         self._start: int | None = None
 
     def probe(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
-        """Forward pre-hook of the base model: read the KV cache's length."""
+        """Forward pre-hook of the base model: read the KV cache's length and,
+        when the call has one, the attention mask (so each row's first real
+        token is known without passing the mask to ``apply``)."""
         cache = kwargs.get("past_key_values")
         length = getattr(cache, "get_seq_length", None)
         self._start = 0 if length is None else int(length())
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.ndim == 2:
+            self._first_real = mask.to(torch.long).argmax(dim=1)
 
     def locate(
         self, layer: int, batch: int, seq_len: int, device: torch.device

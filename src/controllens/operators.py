@@ -16,6 +16,8 @@ operator               edit of an activation x at layer k               strength
 :class:`Feedback`      per-token closed loop along d, see its docs      alpha
 =====================  ==============================================  =========
 
+Every operator but :class:`Add` leaves the first real token of each text, an
+attention sink with a huge norm, untouched (the back ends locate it).
 With P control and Kp = 1 each row is the published method (ActAdd / CAA,
 directional ablation, Linear-AcT / Mean-AcT, angular steering); the I and D
 terms change u(k), and with it the direction d and the shift of the transport.
@@ -129,6 +131,12 @@ class Operator(ABC):
     #: Whether :meth:`edit` needs each token's position (the back ends then
     #: track positions even when the steering acts on every token).
     needs_positions: ClassVar[bool] = False
+    #: Whether the first real token of each text may be edited. It is an
+    #: attention sink whose norm is about 100 times the others' (SmolLM2:
+    #: 20,000 against 180-850), so operators whose edit scales with the
+    #: activation (ablation, transport, rotation, feedback) leave it alone;
+    #: addition moves it by the same small vector as every token.
+    edits_first_token: ClassVar[bool] = True
 
     @abstractmethod
     def edit(
@@ -222,6 +230,8 @@ class Ablate(Operator):
     """
 
     name: ClassVar[str] = "ablate"
+    needs_positions: ClassVar[bool] = True
+    edits_first_token: ClassVar[bool] = False
     add: bool = False
 
     def edit(
@@ -285,6 +295,8 @@ class Transport(Operator):
     """
 
     name: ClassVar[str] = "transport"
+    needs_positions: ClassVar[bool] = True
+    edits_first_token: ClassVar[bool] = False
     layers: tuple[int, ...]
     scale: Float[Tensor, "layer d_model"] = field(repr=False)
     source_mean: Float[Tensor, "layer d_model"] = field(repr=False)
@@ -366,9 +378,12 @@ class Rotate(Operator):
     """Angular steering: rotate each activation in the plane of (b, d).
 
     d is the unit control direction u(k) / ||u(k)||, b the second axis made
-    orthogonal to d. The component of x inside the plane is turned from b
-    towards d by ``alpha * angle`` degrees; the component outside the plane is
-    untouched, so the norm of x is preserved exactly (up to float rounding).
+    orthogonal to d. The component of each token inside the plane is turned
+    towards d by ``alpha * angle`` degrees (away from d for a negative angle),
+    stopping at d (or at -d); the component outside the plane is untouched,
+    so the norm of x is preserved exactly (up to float rounding). Turning
+    towards d, rather than in one fixed sense from b, makes the edit
+    independent of the sign of b: every token moves towards the concept.
 
     Attributes:
         angle: Rotation angle in degrees, within [-180, 180]; the steering's
@@ -382,12 +397,16 @@ class Rotate(Operator):
         >>> op = Rotate(angle=90.0, layers=(0,), axes=torch.tensor([[0.0, 1.0]]))
         >>> steering = Steering(errors=torch.tensor([[1.0, 0.0]]), layers=(0,),
         ...                     operator=op)
-        >>> op.edit(torch.tensor([[0.0, 2.0]]), layer=0, control=torch.ones(2),
+        >>> x = torch.tensor([[0.0, 2.0], [0.0, -2.0]])  # 90 degrees off d
+        >>> op.edit(x, layer=0, control=torch.tensor([1.0, 0.0]),
         ...         steering=steering, state={}).round(decimals=5)
-        tensor([[2., 0.]])
+        tensor([[2., 0.],
+                [2., 0.]])
     """
 
     name: ClassVar[str] = "rotate"
+    needs_positions: ClassVar[bool] = True
+    edits_first_token: ClassVar[bool] = False
     angle: float
     layers: tuple[int, ...]
     axes: Float[Tensor, "layer d_model"] = field(repr=False)
@@ -458,9 +477,12 @@ class Rotate(Operator):
         theta = math.radians(steering.alpha * self.angle)
         along_d = (activation * d).sum(dim=-1, keepdim=True)
         along_b = (activation * b).sum(dim=-1, keepdim=True)
-        # (along_b, along_d) turned by theta from b towards d
-        new_d = along_d * math.cos(theta) + along_b * math.sin(theta)
-        new_b = along_b * math.cos(theta) - along_d * math.sin(theta)
+        # each token's angle from d inside the plane, turned towards d (or
+        # away for a negative angle), never past d or its opposite
+        phi = torch.atan2(along_b, along_d)
+        turned = phi.sign() * (phi.abs() - theta).clamp(0, math.pi)
+        radius = torch.hypot(along_d, along_b)
+        new_d, new_b = radius * turned.cos(), radius * turned.sin()
         return activation + (new_d - along_d) * d + (new_b - along_b) * b
 
 
@@ -514,6 +536,7 @@ class Feedback(Operator):
 
     name: ClassVar[str] = "feedback"
     needs_positions: ClassVar[bool] = True
+    edits_first_token: ClassVar[bool] = False
     layers: tuple[int, ...]
     setpoints: Float[Tensor, " layer"] = field(repr=False)
     one_sided: bool = True

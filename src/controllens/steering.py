@@ -416,6 +416,11 @@ class Steering(_BackEnds):
                 first_real=first_real,
                 prompt_len=where.prompt_len,
             )
+            if not self.operator.edits_first_token:
+                # the attention sink: norm ~100x the others, never turned,
+                # ablated or rescaled
+                keep = (columns[None, :] != first_real[:, None]).unsqueeze(-1)
+                mask = keep if mask is None else mask & keep
         row = self.layers.index(layer)
         steered = self.operator.edit(
             activation,
