@@ -346,7 +346,7 @@ def test_a_second_axis_parallel_to_the_direction_is_refused():
 
 
 def test_operator_data_for_other_layers_or_widths_is_refused():
-    with pytest.raises(VectorError, match="no scale for layers"):
+    with pytest.raises(VectorError, match="no transport scales for layers"):
         _steering("add").replace(
             operator=Transport(
                 layers=(0, 1), scale=torch.ones(2, 32), source_mean=torch.zeros(2, 32)

@@ -104,6 +104,24 @@ def _layer_rows(
     return layers, values.detach().clone()
 
 
+def _check_covers(
+    name: str, layers: tuple[int, ...], rows: Tensor | None, steering: "Steering"
+) -> None:
+    """Operator data must cover every steered layer, at the model's width."""
+    missing = [k for k in steering.layers if k not in layers]
+    if missing:
+        raise VectorError(
+            f"The operator has no {name} for layers {missing}; they cover "
+            f"{layers}. Measure the means (moments=True) at those layers."
+        )
+    if rows is not None and rows.shape[1] != steering.d_model:
+        raise VectorError(
+            f"Expected {name} of width {steering.d_model}, got {rows.shape[1]}: "
+            "they were measured on another model. Measure the means "
+            "(moments=True) on the model you steer."
+        )
+
+
 @dataclass(frozen=True, kw_only=True)
 class Operator(ABC):
     """How one steering method applies the control signal to an activation.
@@ -320,18 +338,7 @@ class Transport(Operator):
         return steering.alpha == 0 or steering.gains.is_zero
 
     def check(self, steering: "Steering") -> None:
-        missing = [k for k in steering.layers if k not in self.layers]
-        if missing:
-            raise VectorError(
-                f"The transport has no scale for layers {missing}; it covers "
-                f"{self.layers}. Measure means with moments=True at those layers."
-            )
-        if self.scale.shape[1] != steering.d_model:
-            raise VectorError(
-                f"Expected transport scales of width {steering.d_model}, got "
-                f"{self.scale.shape[1]}: they were measured on another model. "
-                "Measure the means (moments=True) on the model you steer."
-            )
+        _check_covers("transport scales", self.layers, self.scale, steering)
 
     def edit(
         self,
@@ -435,18 +442,7 @@ class Rotate(Operator):
         return direction, axis / norm
 
     def check(self, steering: "Steering") -> None:
-        missing = [k for k in steering.layers if k not in self.layers]
-        if missing:
-            raise VectorError(
-                f"The rotation has no second axis for layers {missing}; it "
-                f"covers {self.layers}."
-            )
-        if self.axes.shape[1] != steering.d_model:
-            raise VectorError(
-                f"Expected second axes of width {steering.d_model}, got "
-                f"{self.axes.shape[1]}: they were measured on another model. "
-                "Measure the means (moments=True) on the model you steer."
-            )
+        _check_covers("second axes", self.layers, self.axes, steering)
         for layer, control in zip(steering.layers, steering.control(), strict=True):
             self._plane(layer, control)
 
@@ -577,12 +573,7 @@ class Feedback(Operator):
         object.__setattr__(self, "setpoints", setpoints.detach().clone())
 
     def check(self, steering: "Steering") -> None:
-        missing = [k for k in steering.layers if k not in self.layers]
-        if missing:
-            raise VectorError(
-                f"The feedback operator has no set-point for layers {missing}; "
-                f"it covers {self.layers}."
-            )
+        _check_covers("set-points", self.layers, None, steering)
 
     def edit(
         self,
