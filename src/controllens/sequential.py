@@ -31,9 +31,9 @@ from controllens.adapters import (
 )
 from controllens.controllers import Gains
 from controllens.data import ContrastiveTexts
-from controllens.errors import DataError, ModelError
+from controllens.errors import ModelError
 from controllens.steering import METHODS, Positions, Steering, Where
-from controllens.tokens import encode, pad, resolve_tokenizer, token_weights
+from controllens.tokens import resolve_tokenizer, token_weights
 from controllens.vectors import (
     ContrastiveMeans,
     _batches,
@@ -42,6 +42,7 @@ from controllens.vectors import (
     _hf_forward,
     _Moments,
     _side_means,
+    _token_batches,
 )
 
 __all__ = ["sequential_steering"]
@@ -305,23 +306,19 @@ def _capture_batches(
 ) -> list[_Batch]:
     """Tokenise the texts and keep each batch's input to the first layer."""
     first_layer = decoder_layers(hf_model)[1][0]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = []
-    for start in range(0, len(texts), batch_size):
-        chunk = texts[start : start + batch_size]
-        ids = encode(
-            chunk,
-            tokenizer,
-            bos=bos,
-            chat_template=chat_template,
-            max_length=max_length,
-        )
-        empty = [start + i for i, row in enumerate(ids) if not row]
-        if empty:
-            raise DataError(
-                f"The {side} text {empty[0]} tokenises to no tokens; remove it."
-            )
-        tokens, mask = pad(ids, pad_id, "right", device)
+    tokenised = _token_batches(
+        texts,
+        side,
+        tokenizer=tokenizer,
+        bos=bos,
+        chat_template=chat_template,
+        max_length=max_length,
+        batch_size=batch_size,
+        padding_side="right",
+        device=device,
+    )
+    for start, tokens, mask in tokenised:
         captured: dict[str, Any] = {}
 
         def capture(

@@ -539,6 +539,39 @@ def _hf_forward(
     return forward
 
 
+def _token_batches(
+    texts: Sequence[str],
+    side: str,
+    *,
+    tokenizer: Any,
+    bos: bool,
+    chat_template: bool,
+    max_length: int | None,
+    batch_size: int,
+    padding_side: str,
+    device: torch.device,
+) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """Tokenise and pad the texts batch by batch: (start index, ids, mask)."""
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    for start in range(0, len(texts), batch_size):
+        ids = encode(
+            texts[start : start + batch_size],
+            tokenizer,
+            bos=bos,
+            chat_template=chat_template,
+            max_length=max_length,
+        )
+        empty = [start + i for i, row in enumerate(ids) if not row]
+        if empty:
+            raise DataError(
+                f"The {side} text {empty[0]} tokenises to no tokens; remove it."
+            )
+        tokens, mask = pad(ids, pad_id, padding_side, device)
+        yield start, tokens, mask
+
+
 class _Batch(NamedTuple):
     size: int
     # float64 sum of the batch's per-text vectors, [layer, d_model]
@@ -565,26 +598,20 @@ def _batches(
     per_text: bool = False,
 ) -> Iterator[_Batch]:
     """Run the texts batch by batch, yielding each batch's aggregated vectors."""
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     row_of = {layer: row for row, layer in enumerate(layers)}
-
-    for start in range(0, len(texts), batch_size):
+    batches = _token_batches(
+        texts,
+        side,
+        tokenizer=tokenizer,
+        bos=bos,
+        chat_template=chat_template,
+        max_length=max_length,
+        batch_size=batch_size,
+        padding_side=padding_side,
+        device=device,
+    )
+    for start, tokens, mask in batches:
         batch = texts[start : start + batch_size]
-        ids = encode(
-            batch,
-            tokenizer,
-            bos=bos,
-            chat_template=chat_template,
-            max_length=max_length,
-        )
-        empty = [start + i for i, row in enumerate(ids) if not row]
-        if empty:
-            raise DataError(
-                f"The {side} text {empty[0]} tokenises to no tokens; remove it."
-            )
-        tokens, mask = pad(ids, pad_id, padding_side, device)
         weights = token_weights(mask, aggregation, texts, start, side)
         sums = torch.zeros(len(layers), d_model, dtype=torch.float64, device=device)
         vectors = None
